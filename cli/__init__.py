@@ -1,0 +1,1 @@
+"""The `outpost` command: assembles each package's commands, owns none."""
