@@ -16,14 +16,12 @@ import gzip
 import io
 import os
 import pathlib
-import shutil
 import stat
 import tarfile
-import tempfile
 from typing import IO, cast
 
 from .errors import ArchiveError, ArchiveTooLarge, BundleError, BundleNotFound, UnsafeArchiveMember
-from .fsutil import CHUNK_BYTES, atomic_writer, fsync_dir
+from .fsutil import CHUNK_BYTES, atomic_writer, staged_directory
 
 DEFAULT_MAX_BYTES = 64 << 30
 DEFAULT_MAX_MEMBERS = 10_000
@@ -123,6 +121,27 @@ def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: pathlib.P
         os.fsync(out.fileno())
 
 
+def _extract_all(stream: IO[bytes], staging: pathlib.Path, origin: str, max_bytes: int, max_members: int) -> set[str]:
+    total, seen = 0, set[str]()
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for count, member in enumerate(tar, start=1):
+            if count > max_members:
+                raise ArchiveTooLarge(origin, f"more than {max_members} members")
+            name = _safe_name(member.name, origin)
+            _check_type(member, origin)
+            if name in seen:
+                raise UnsafeArchiveMember(origin, f"member {name!r} appears twice")
+            seen.add(name)
+            if member.isdir():
+                (staging / name).mkdir(parents=True, exist_ok=True)
+                continue
+            total += member.size
+            if total > max_bytes:
+                raise ArchiveTooLarge(origin, f"members expand past the {max_bytes}-byte limit")
+            _extract_file(tar, member, staging / name)
+    return seen
+
+
 def unpack(archive: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
            max_bytes: int = DEFAULT_MAX_BYTES, max_members: int = DEFAULT_MAX_MEMBERS) -> pathlib.Path:
     """Extract `archive` into the new directory `out_dir`, refusing anything unsafe."""
@@ -135,43 +154,16 @@ def unpack(archive: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
         raw = open(src, "rb")  # noqa: SIM115 (closed below, after tarfile)
     except FileNotFoundError:
         raise BundleNotFound(origin, "no such archive") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.unpack-", dir=out.parent))
-    try:
-        with raw:
-            stream = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")) if raw.read(2) == _GZIP_MAGIC else raw
-            raw.seek(0)
-            capped = io.BufferedReader(_CappedReader(stream, max_bytes + _OVERHEAD_BYTES, origin), CHUNK_BYTES)
-            total, seen = 0, set[str]()
-            try:
-                with tarfile.open(fileobj=capped, mode="r|") as tar:
-                    for count, member in enumerate(tar, start=1):
-                        if count > max_members:
-                            raise ArchiveTooLarge(origin, f"more than {max_members} members")
-                        name = _safe_name(member.name, origin)
-                        _check_type(member, origin)
-                        if name in seen:
-                            raise UnsafeArchiveMember(origin, f"member {name!r} appears twice")
-                        seen.add(name)
-                        if member.isdir():
-                            (staging / name).mkdir(parents=True, exist_ok=True)
-                            continue
-                        total += member.size
-                        if total > max_bytes:
-                            raise ArchiveTooLarge(origin, f"members expand past the {max_bytes}-byte limit")
-                        _extract_file(tar, member, staging / name)
-            except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as e:
-                if isinstance(e, BundleError):
-                    raise
-                raise ArchiveError(origin, f"not a readable bundle archive: {e}") from None
+    with raw, staged_directory(out) as staging:
+        stream = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")) if raw.read(2) == _GZIP_MAGIC else raw
+        raw.seek(0)
+        capped = io.BufferedReader(_CappedReader(stream, max_bytes + _OVERHEAD_BYTES, origin), CHUNK_BYTES)
+        try:
+            seen = _extract_all(capped, staging, origin, max_bytes, max_members)
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as e:
+            if isinstance(e, BundleError):
+                raise
+            raise ArchiveError(origin, f"not a readable bundle archive: {e}") from None
         if not seen:
             raise ArchiveError(origin, "the archive is empty")
-        os.chmod(staging, 0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-        fsync_dir(out.parent)
-        return out
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -14,15 +14,13 @@ import datetime as dt
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import manifest as mf
 from .errors import BundleError, InvalidModel, ManifestError
-from .fsutil import atomic_write_bytes, copy_file_atomic, fsync_dir
+from .fsutil import atomic_write_bytes, copy_file_atomic, staged_directory
 from .hashing import sha256_file
 from .manifest import MANIFEST_NAME, EngineKind, Precision
 from .onnx_refs import ProtobufError, external_refs
@@ -166,10 +164,7 @@ def build(
     out_path = pathlib.Path(out).absolute()
     if out_path.exists() and any(out_path.iterdir()) and not overwrite:
         raise BundleError(str(out_path), "output directory exists and is not empty (use --force to replace it)")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_path.name}.build-", dir=out_path.parent))
-    os.chmod(staging, 0o755)
-    try:
+    with staged_directory(out_path) as staging:
         entries, taken, seen_files = [], set[str](), set[str]()
         for m in models:
             src = pathlib.Path(m)
@@ -233,11 +228,4 @@ def build(
         }
         manifest = mf.from_dict(doc, MANIFEST_NAME)
         atomic_write_bytes(staging / MANIFEST_NAME, manifest.to_json())
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(staging, out_path)
-        fsync_dir(out_path.parent)
-        return manifest
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    return manifest

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -53,3 +55,26 @@ def copy_file_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     with open(src, "rb") as fin, atomic_writer(dst) as fout:
         while chunk := fin.read(CHUNK_BYTES):
             fout.write(chunk)
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
+    """Yield a fresh directory beside `target`; on clean exit it becomes `target`.
+
+    On any error the staging directory is removed and `target` is untouched, so
+    a reader never sees a half-built directory. An existing `target` is removed
+    just before the rename (callers refuse to replace unless asked to).
+    """
+    final = pathlib.Path(target).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    try:
+        os.chmod(staging, 0o755)
+        yield staging
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        fsync_dir(final.parent)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
