@@ -20,6 +20,10 @@ import click
 COMMANDS: dict[str, str] = {
     "keys": "bundle.commands:keys_group",
     "bundle": "bundle.commands:bundle_group",
+    "fleet": "fleet.commands:fleet_group",
+    "serve": "agent.commands:serve_command",
+    "engine": "engines.commands:engine_group",
+    "doctor": "engines.commands:doctor_command",
 }
 
 #: Exit codes: 1 = refused / failed (verification, validation), 2 = usage (click's own).

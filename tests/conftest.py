@@ -13,6 +13,19 @@ from tests.models.make_models import write_all
 MakeBundle = Callable[..., pathlib.Path]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where a CUDA GPU is detected, and say why they did not run elsewhere."""
+    gpu_items = [i for i in items if i.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    from engines import SystemProbe
+
+    if SystemProbe().detect().gpu is None:
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run bench/gpu_check.sh on a GPU machine)")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("models")

@@ -12,6 +12,7 @@ Deterministic (fixed seeds), built with onnx.helper so no exporter is needed.
 - string_op:      a string op (CPU-only in ONNX Runtime; TensorRT rejects it)
 - big:            an MLP with ~16 MB of weights (over 5 and 10 MB)
 - cnn:            ~1 GFLOP per 224x224 image (benchmarks)
+- unknown_op:     valid ONNX with an op of an unregistered domain: no runtime loads it
 - external:       weights in an external-data file beside the .onnx
 - malformed:      bytes that are not an ONNX protobuf
 """
@@ -168,8 +169,25 @@ def cnn() -> onnx.ModelProto:
     return _model(graph)
 
 
+def unknown_op() -> onnx.ModelProto:
+    """Valid ONNX (passes the checker and bundle validation) that no runtime can load: an op
+    from a custom domain nobody registered. Exercises a build that fails in the child process."""
+    nodes = [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.outpost.test")]
+    graph = helper.make_graph(
+        nodes, "unknown_op",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.outpost.test", 1)],
+                              producer_name="outpost-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 MODELS = {"mlp": mlp, "multi_io": multi_io, "dynamic_conv": dynamic_conv, "types": types, "fp16": fp16,
-          "string_op": string_op, "big": big, "cnn": cnn}
+          "string_op": string_op, "big": big, "cnn": cnn, "unknown_op": unknown_op}
 
 
 def write_external(out_dir: pathlib.Path, location: str = "external.onnx.data") -> pathlib.Path:
@@ -201,3 +219,4 @@ def write_all(out_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
 if __name__ == "__main__":
     for name, path in write_all(sys.argv[1] if len(sys.argv) > 1 else "models").items():
         print(f"{name}: {path} ({path.stat().st_size} bytes)")
+
