@@ -1,0 +1,151 @@
+"""`outpost serve`: the data plane standalone, no fleet needed.
+
+With `--trust` each bundle is verified and the command refuses to start if any
+fails (serving a silent subset of what the operator asked for hides the
+failure). Without it, bundles are loaded unverified for the developer loop and
+the command says so loudly, once per bundle. The agent daemon reuses `serve()`
+with verified bundles only.
+
+Other transports plug in without touching this command's body: a `Transport`
+is a callable that takes the running DataPlane and returns an async context
+manager (started after HTTP, stopped before it); add its click options to
+`serve_command` and append it to `transports` from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import signal
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar
+
+import click
+
+import bundle
+from engines import EngineOptions
+
+from .config import ModelConfig, ServerConfig
+from .dataplane import DataPlane
+from .http_server import HttpServer
+from .mqtt.commands import mqtt_options
+
+T = TypeVar("T")
+Transport = Callable[[DataPlane], AbstractAsyncContextManager[Any]]
+
+
+def load_bundles(dirs: Sequence[str], trust: Sequence[str]) -> list[bundle.VerifiedBundle]:
+    if trust:
+        anchors = bundle.anchors(list(trust))
+        return [bundle.verify(d, anchors) for d in dirs]
+    loaded = []
+    for d in dirs:
+        vb = bundle.load_unverified(d)
+        click.secho(f"WARNING: serving {vb.manifest.ref} from {d} UNVERIFIED (no --trust given): "
+                    "its signature was not checked. Never do this in production.", fg="red", bold=True, err=True)
+        loaded.append(vb)
+    return loaded
+
+
+async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelConfig, server_config: ServerConfig,
+                transports: Sequence[Transport] = (), started_at: float | None = None,
+                stop: asyncio.Event | None = None) -> bool:
+    """Load, serve until SIGTERM/SIGINT (or `stop`), drain. Returns True if every in-flight request finished."""
+    dataplane = DataPlane()
+    for vb in bundles:
+        await asyncio.to_thread(dataplane.load_bundle, vb, model_config)
+    # Start-up leaves a large heap of long-lived objects (model-signing, schema, runtime bindings):
+    # freeze them so the collector's full passes under load skip what will never be garbage.
+    gc.collect()
+    gc.freeze()
+    server = HttpServer(dataplane, server_config)
+    await server.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        for transport in transports:
+            await stack.enter_async_context(transport(dataplane))
+        names = ", ".join(f"{sm.name}@{sm.version} ({sm.runner.backend}, batch {sm.max_batch_size})"
+                          for sm in dataplane.models())
+        took = f" in {time.monotonic() - started_at:.2f} s" if started_at is not None else ""
+        click.echo(f"outpost serve: ready on {server.url}{took}; models: {names}", err=True)
+        await stop.wait()
+        click.echo("outpost serve: stopping (draining in-flight requests)", err=True)
+        dataplane.begin_drain()
+    drained = await server.stop()
+    click.echo(f"outpost serve: stopped{'' if drained else ' (some requests were cut off)'}", err=True)
+    return drained
+
+
+@click.command("serve")
+@click.argument("bundle_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; loopback by default.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Public key to verify bundles with (repeatable). Without it, bundles are served UNVERIFIED.")
+@click.option("--token", envvar="OUTPOST_TOKEN", help="Require 'Authorization: Bearer TOKEN' (env OUTPOST_TOKEN).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="TLS certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM).")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Engine instances per model (batches computing at once).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
+              help="Intra-op threads per instance (0: one per core).")
+@click.option("--spin/--no-spin", default=False, show_default=True,
+              help="Let ORT threads spin between calls: faster on tiny models, burns idle cores.")
+@click.option("--max-batch-size", type=click.IntRange(1, 4096), help="Override the manifest's max_batch_size.")
+@click.option("--max-queue-delay-ms", type=click.FloatRange(0, 10_000), help="Override the manifest's batching window.")
+@click.option("--max-queue", default=128, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Waiting requests per model before 503 + Retry-After.")
+@click.option("--timeout-ms", default=30_000.0, show_default=True, type=click.FloatRange(1, 3_600_000),
+              help="Default (and longest) deadline of a request; past it, 504.")
+@click.option("--max-body-bytes", default=64 << 20, show_default=True, type=click.IntRange(1024),
+              help="Larger request bodies get 413 before they are read.")
+@click.option("--allow-non-finite", is_flag=True, help="Accept NaN/Inf in float inputs.")
+@click.option("--inline-compute-ms", default=0.2, show_default=True, type=click.FloatRange(0, 1000),
+              help="Run batches whose engine time stays below this on the event loop (0: always threads).")
+@click.option("--drain-timeout-s", default=20.0, show_default=True, type=click.FloatRange(0, 3600))
+@click.option("--loop", "loop_name", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
+              show_default=True, help="Event loop: auto uses uvloop where installed.")
+@mqtt_options
+def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tuple[str, ...], token: str | None,
+                  tls_cert: str | None, tls_key: str | None, instances: int, threads: int, spin: bool,
+                  max_batch_size: int | None, max_queue_delay_ms: float | None, max_queue: int,
+                  timeout_ms: float, max_body_bytes: int, allow_non_finite: bool, inline_compute_ms: float,
+                  drain_timeout_s: float, loop_name: str, mqtt_transport: Transport | None = None) -> None:
+    """Serve BUNDLE_DIR... over the Open Inference Protocol (KServe v2) on HTTP."""
+    started = time.monotonic()
+    bundles = load_bundles(bundle_dirs, trust)
+    model_config = ModelConfig(
+        instances=instances, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+        max_queue=max_queue, timeout_ms=timeout_ms, allow_non_finite_inputs=allow_non_finite,
+        inline_compute_ms=inline_compute_ms,
+        engine_options=EngineOptions(intra_op_threads=threads, allow_spinning=spin),
+    )
+    server_config = ServerConfig(host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key,
+                                 max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s)
+    if host not in ("127.0.0.1", "::1", "localhost") and not token:
+        click.secho(f"WARNING: listening on {host} without --token: anyone who can reach it can use it.",
+                    fg="yellow", err=True)
+    transports: list[Transport] = []
+    if mqtt_transport is not None:
+        transports.append(mqtt_transport)
+    run_loop(serve(bundles, model_config, server_config, transports, started_at=started), loop_name)
+
+
+def run_loop(main: Coroutine[Any, Any, T], loop_name: str = "auto") -> T:
+    """uvloop where installed (less event-loop time per request on small models), else asyncio."""
+    if loop_name != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop_name == "uvloop":
+                raise click.UsageError("--loop uvloop: uvloop is not installed") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)

@@ -1,0 +1,84 @@
+"""Serving settings: small frozen objects, safe defaults, units in the names.
+
+`ModelConfig` holds the per-device overrides of what a bundle's manifest says
+(batching) and what the manifest cannot know (instances, queue bound, default
+deadline). `ServerConfig` is the HTTP edge's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engines import EngineOptions
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How one model is served on this device.
+
+    max_batch_size / max_queue_delay_ms: None keeps the bundle manifest's value.
+    max_queue: requests waiting per model before new ones get 503 + Retry-After.
+    max_request_items: a request whose own batch is above max_batch_size is split
+      into engine batches up to this many items; above it, it is refused (400).
+      None: 8 x max_batch_size.
+    timeout_ms: deadline of a request that does not bring its own.
+    allow_non_finite_inputs: NaN/Inf in float inputs are refused (400) unless set;
+      a model fed NaN answers NaN, which hides the caller's bug.
+    inline_compute_ms: batches whose engine time has stayed below this run on the
+      event loop instead of a worker thread (the thread hand-off costs more than
+      a tiny model's compute); 0 always uses threads. The price: such a batch cannot be
+      abandoned at its deadline, which matters only if a sub-millisecond model hangs.
+    """
+
+    instances: int = 1
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    max_queue: int = 128
+    max_request_items: int | None = None
+    timeout_ms: float = 30_000.0
+    allow_non_finite_inputs: bool = False
+    inline_compute_ms: float = 0.2
+    backend: str = "auto"
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
+
+    def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ConfigError(f"instances must be >= 1, got {self.instances}")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_ms is not None and self.max_queue_delay_ms < 0:
+            raise ConfigError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_queue < 1:
+            raise ConfigError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.timeout_ms <= 0:
+            raise ConfigError(f"timeout_ms must be > 0, got {self.timeout_ms}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP edge. Loopback by default: anything wider should set a token and TLS."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 64 << 20
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: a body must arrive within this; trickling clients are cut off (slowloris)
+    body_timeout_s: float = 30.0
+    #: idle keep-alive connections are closed after this
+    keepalive_timeout_s: float = 15.0
+    #: on SIGTERM: stop taking requests, finish in-flight ones for at most this long
+    drain_timeout_s: float = 20.0
+    max_line_bytes: int = 8190
+    max_field_bytes: int = 8190
+    max_headers: int = 64
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both a certificate and a key")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")

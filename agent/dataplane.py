@@ -1,0 +1,257 @@
+"""The transport-neutral core: one data plane that HTTP and MQTT both call.
+
+A transport parses its message into an `InferRequest` (agent.protocol), calls
+`DataPlane.infer`, and serialises the `InferResponse`, or maps the raised
+`AgentError` through its `status`. Everything in between lives here: model
+lookup, validation against the signature, the batch queue, deadlines and
+metrics, so both transports behave the same on every request.
+
+Naming: a bundle with one model is served under the bundle's name; a bundle
+with several serves each as `<bundle>.<model>`. The version is the bundle's
+version; a request without one gets the highest release loaded.
+
+Deadlines are absolute `time.monotonic()` seconds (`deadline_after(ms)` makes
+one); None applies the model's default `timeout_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata as _pkg_metadata
+from typing import Any
+
+from bundle import UNVERIFIED, VerifiedBundle
+
+from .batching import AdaptiveBatcher
+from .config import ModelConfig
+from .errors import AgentError, ModelNotFound, Unavailable
+from .metrics import ModelMetrics, ServingMetrics, TailLatency
+from .protocol import SPEC_DATATYPES, InferRequest, InferResponse, build_response, count_non_finite
+from .runner import Runner
+from .validation import Validator, batch_dim
+
+SERVER_NAME = "outpost"
+EXTENSIONS = ("binary_tensor_data",)
+
+
+def _version() -> str:
+    try:
+        return _pkg_metadata.version("outpost")
+    except _pkg_metadata.PackageNotFoundError:
+        return "0"
+
+
+def deadline_after(timeout_ms: float) -> float:
+    return time.monotonic() + timeout_ms / 1000.0
+
+
+@dataclass
+class ServedModel:
+    """One model version being served, with everything a request passes through."""
+
+    name: str
+    version: str
+    release: int
+    bundle: VerifiedBundle
+    config: ModelConfig
+    runner: Runner
+    batcher: AdaptiveBatcher
+    validator: Validator
+    metrics: ModelMetrics
+    max_batch_size: int
+    max_queue_delay_ms: float
+
+    @property
+    def verified(self) -> bool:
+        return self.bundle.signer != UNVERIFIED
+
+    def metadata(self, versions: list[str]) -> dict[str, Any]:
+        def tensor(t: Any) -> dict[str, Any]:
+            return {"name": t.name, "datatype": SPEC_DATATYPES.get(t.dtype, t.dtype),
+                    "shape": [d if isinstance(d, int) else -1 for d in t.shape]}
+
+        return {
+            "name": self.name,
+            "versions": versions,
+            "platform": "onnxruntime_onnx",
+            "inputs": [tensor(t) for t in self.runner.inputs],
+            "outputs": [tensor(t) for t in self.runner.outputs],
+            "outpost": {
+                "bundle": self.bundle.manifest.ref, "digest": self.bundle.digest, "signer": self.bundle.signer,
+                "verified": self.verified, "backend": self.runner.backend, "instances": self.runner.instances,
+                "max_batch_size": self.max_batch_size, "max_queue_delay_ms": self.max_queue_delay_ms,
+                "max_queue": self.config.max_queue,
+            },
+        }
+
+
+class DataPlane:
+    def __init__(self, metrics: ServingMetrics | None = None, *, name: str = SERVER_NAME) -> None:
+        self.metrics = metrics or ServingMetrics()
+        self.name = name
+        self._models: dict[tuple[str, str], ServedModel] = {}
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self._draining = False
+        self._live = True
+
+    # ------------------------------------------------------------------ model registry
+
+    def load_bundle(self, bundle: VerifiedBundle, config: ModelConfig | None = None,
+                    cache_dir: str | None = None) -> list[ServedModel]:
+        """Load every model of a bundle (blocking: engines compile/load here)."""
+        config = config or ModelConfig()
+        manifest = bundle.manifest
+        several = len(manifest.models) > 1
+        loaded: list[ServedModel] = []
+        try:
+            for entry in manifest.models:
+                name = f"{manifest.name}.{entry.name}" if several else manifest.name
+                if (name, manifest.version) in self._models:
+                    raise AgentError(f"model {name!r} version {manifest.version!r} is already loaded")
+                loaded.append(self._load_model(bundle, entry.name, name, config, cache_dir))
+        except BaseException:
+            for sm in loaded:
+                sm.runner.close()
+                self.metrics.remove(sm.metrics)
+            raise
+        for sm in loaded:
+            self._models[(sm.name, sm.version)] = sm
+        return loaded
+
+    def _load_model(self, bundle: VerifiedBundle, entry: str, name: str, config: ModelConfig,
+                    cache_dir: str | None) -> ServedModel:
+        manifest = bundle.manifest
+        batching = manifest.serving.batching
+        max_batch = config.max_batch_size if config.max_batch_size is not None else batching.max_batch_size
+        delay_ms = config.max_queue_delay_ms if config.max_queue_delay_ms is not None else batching.max_queue_delay_ms
+        runner = Runner.open(bundle, entry, instances=config.instances, options=config.engine_options,
+                             backend=config.backend, cache_dir=cache_dir, inline_compute_ms=config.inline_compute_ms)
+        m = self.metrics.for_model(name, manifest.version, runner.backend)
+        batcher = AdaptiveBatcher(
+            runner, max_batch_size=max_batch, max_queue_delay_ms=delay_ms, max_queue=config.max_queue,
+            batchable=batch_dim(runner.inputs, runner.outputs) is not None,
+            max_request_items=config.max_request_items, on_batch=m.observe_batch,
+        )
+        m.track_queue(lambda: batcher.queue_depth)
+        validator = Validator(name, runner.inputs, runner.outputs, config.allow_non_finite_inputs)
+        return ServedModel(name, manifest.version, manifest.release, bundle, config, runner, batcher, validator, m,
+                           batcher.max_batch_size, delay_ms)
+
+    async def unload(self, model: str, version: str) -> None:
+        sm = self._models.pop((model, version), None)
+        if sm is None:
+            raise ModelNotFound(model, version)
+        await sm.batcher.close()
+        await asyncio.to_thread(sm.runner.close)
+        self.metrics.remove(sm.metrics)
+
+    def get(self, model: str, version: str | None = None) -> ServedModel:
+        if version:
+            sm = self._models.get((model, version))
+            if sm is None:
+                raise ModelNotFound(model, version)
+            return sm
+        best: ServedModel | None = None
+        for (name, _), sm in self._models.items():
+            if name == model and (best is None or sm.release >= best.release):
+                best = sm
+        if best is None:
+            raise ModelNotFound(model)
+        return best
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    # ------------------------------------------------------------------ inference
+
+    async def infer(self, model: str, version: str | None, request: InferRequest,
+                    deadline: float | None = None) -> InferResponse:
+        """Validate, queue, batch, run and answer one request; raises AgentError subclasses."""
+        if self._draining:
+            raise Unavailable("server is shutting down; not taking new requests")
+        sm = self.get(model, version)
+        t0 = time.monotonic()
+        if deadline is None:
+            deadline = t0 + sm.config.timeout_ms / 1000.0
+        m = sm.metrics
+        self._in_flight += 1
+        m.in_flight += 1
+        try:
+            feeds = sm.validator.feeds(request)
+            result = await sm.batcher.submit(feeds, deadline)
+            response = build_response(request, sm.name, sm.version, result.outputs)
+            m.non_finite += count_non_finite(list(result.outputs.values()))
+            now = time.monotonic()
+            m.observe_success(result.queue_s, result.compute_s, now - t0, now)
+            return response
+        except AgentError as e:
+            m.observe_failure(type(e).__name__)
+            raise
+        except asyncio.CancelledError:
+            m.observe_failure("Cancelled")
+            raise
+        finally:
+            m.in_flight -= 1
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._idle is not None:
+                self._idle.set()
+
+    # ------------------------------------------------------------------ health and metadata
+
+    def server_live(self) -> bool:
+        return self._live
+
+    def server_ready(self) -> bool:
+        return self._live and not self._draining and bool(self._models)
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        """Raises ModelNotFound for a model that is not served (a 404, not a 'not ready')."""
+        self.get(model, version)
+        return not self._draining
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "version": _version(), "extensions": list(EXTENSIONS)}
+
+    def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        sm = self.get(model, version)
+        versions = [v for (n, v) in self._models if n == sm.name]
+        return sm.metadata(versions)
+
+    def tail_latency(self) -> Mapping[tuple[str, str], TailLatency]:
+        """p50/p95/p99 per model version over the metrics window (the fleet report reads this)."""
+        return {key: sm.metrics.tail.snapshot() for key, sm in self._models.items()}
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # ------------------------------------------------------------------ shutdown
+
+    def begin_drain(self) -> None:
+        """Stop taking requests (not ready, new ones get 503); in-flight ones go on."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait for in-flight requests to finish; False if some were still running at the timeout."""
+        if self._in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return self._in_flight == 0
+        return True
+
+    async def close(self) -> None:
+        self.begin_drain()
+        self._live = False
+        for key in list(self._models):
+            await self.unload(*key)

@@ -1,0 +1,241 @@
+"""The HTTP edge: the Open Inference Protocol's REST routes over the data plane.
+
+Handlers only parse, call the data plane and serialise; an `AgentError` is
+turned into a response in exactly one place (`error_response`). The server is
+an `AppRunner` + `TCPSite` pair wrapped in `HttpServer`, so the agent daemon
+can embed it next to its other tasks; `outpost serve` is one such embedding.
+
+Defences (THREATS 28-35): the body limit is checked against Content-Length
+before anything is read and again while streaming (so a chunked or compressed
+body stops at the limit, 413); a body must arrive within `body_timeout_s`;
+header lines, fields and counts are capped; idle keep-alive sockets close; a
+client that disconnects cancels its handler, which drops its queued request.
+Health and metrics never touch a model queue, so they answer under overload.
+With a token, every route but the two health probes needs
+`Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from . import protocol
+from .config import ServerConfig
+from .dataplane import DataPlane, deadline_after
+from .errors import AgentError, InvalidRequest, PayloadTooLarge, Unauthorized, Unavailable
+
+log = logging.getLogger(__name__)
+
+DATAPLANE = web.AppKey("dataplane", DataPlane)
+CONFIG = web.AppKey("server_config", ServerConfig)
+
+#: A request may shorten its own deadline with this header (milliseconds), never lengthen it.
+TIMEOUT_HEADER = "Outpost-Timeout-Ms"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_BODY_TYPES = frozenset({"application/json", "application/octet-stream"})
+_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
+def error_response(e: AgentError) -> web.Response:
+    """The single AgentError -> HTTP mapping: status from the error, JSON body, Retry-After on 503."""
+    headers = {}
+    if isinstance(e, Unavailable):
+        headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
+    if isinstance(e, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="outpost"'
+    return web.Response(status=e.status, body=protocol.encode_error(e.message), content_type="application/json",
+                        headers=headers)
+
+
+def _json(doc: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=protocol.dumps(doc), content_type="application/json")
+
+
+# ---------------------------------------------------------------------------------- handlers
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return _json(request.app[DATAPLANE].server_metadata())
+
+
+async def health_live(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[DATAPLANE].server_live() else 503)
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[DATAPLANE].server_ready() else 503)
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    try:
+        doc = request.app[DATAPLANE].model_metadata(request.match_info["model"], request.match_info.get("version"))
+    except AgentError as e:
+        return error_response(e)
+    return _json(doc)
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    try:
+        ready = request.app[DATAPLANE].model_ready(request.match_info["model"], request.match_info.get("version"))
+    except AgentError as e:
+        return error_response(e)
+    return web.Response(status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[DATAPLANE].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return _json({"error": f"no route {request.method} {request.path}"}, status=404)
+
+
+async def infer(request: web.Request) -> web.Response:
+    dp = request.app[DATAPLANE]
+    config = request.app[CONFIG]
+    model, version = request.match_info["model"], request.match_info.get("version")
+    try:
+        sm = dp.get(model, version)  # 404 before reading a byte of the body
+        _check_content_type(request)
+        deadline = _deadline(request, sm.config.timeout_ms)
+        body = await _read_body(request, config)
+        req = protocol.decode_request(body, request.headers.get(HEADER_LENGTH))
+        response = await dp.infer(model, sm.version, req, deadline)  # the version resolved above
+        encoded = protocol.encode_response(response)
+    except AgentError as e:
+        return error_response(e)
+    if encoded.header_length is None:
+        return web.Response(body=encoded.header, content_type="application/json")
+    return web.Response(body=encoded.body(), content_type="application/octet-stream",
+                        headers={HEADER_LENGTH: str(encoded.header_length)})
+
+
+def _check_content_type(request: web.Request) -> None:
+    raw = request.headers.get("Content-Type")
+    if raw is None or raw in _BODY_TYPES:
+        return  # none: v2 clients (tritonclient among them) often send none
+    ctype = request.content_type
+    if ctype not in _BODY_TYPES:
+        raise InvalidRequest(f"unsupported content type {ctype!r}; send application/json, or "
+                             f"application/octet-stream with {HEADER_LENGTH} (binary tensor data)")
+
+
+def _deadline(request: web.Request, default_ms: float) -> float:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return deadline_after(default_ms)
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not ms > 0:
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
+    return deadline_after(min(ms, default_ms))
+
+
+async def _read_body(request: web.Request, config: ServerConfig) -> bytes:
+    limit = config.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(length, limit)
+    try:
+        if request.content.is_eof():
+            return await request.read()
+        return await asyncio.wait_for(request.read(), config.body_timeout_s)
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(None, limit) from None
+    except TimeoutError:
+        raise InvalidRequest(f"request body did not arrive within {config.body_timeout_s:g} s") from None
+
+
+# ---------------------------------------------------------------------------------- app
+
+
+def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def auth(request: web.Request,
+                   handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.path not in _OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error_response(Unauthorized("missing or wrong bearer token"))
+        return await handler(request)
+
+    return auth
+
+
+def create_app(dataplane: DataPlane, config: ServerConfig) -> web.Application:
+    middlewares = [_auth_middleware(config.token)] if config.token else []
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    app[DATAPLANE] = dataplane
+    app[CONFIG] = config
+    r = app.router
+    r.add_get("/v2", server_metadata)
+    r.add_get("/v2/health/live", health_live)
+    r.add_get("/v2/health/ready", health_ready)
+    r.add_get("/metrics", metrics)
+    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        r.add_get(base, model_metadata)
+        r.add_get(base + "/ready", model_ready)
+        r.add_post(base + "/infer", infer)
+    r.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    return ctx
+
+
+class HttpServer:
+    """Start/stop the HTTP edge inside any running event loop (the daemon, `outpost serve`, tests)."""
+
+    def __init__(self, dataplane: DataPlane, config: ServerConfig | None = None) -> None:
+        self.dataplane = dataplane
+        self.config = config or ServerConfig()
+        self.app = create_app(dataplane, self.config)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        c = self.config
+        self._runner = web.AppRunner(
+            self.app, handler_cancellation=True, access_log=log if c.access_log else None,
+            keepalive_timeout=c.keepalive_timeout_s, max_line_size=c.max_line_bytes,
+            max_field_size=c.max_field_bytes, max_headers=c.max_headers, shutdown_timeout=c.drain_timeout_s,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, c.host, c.port, ssl_context=ssl_context(c), backlog=512)
+        await site.start()
+
+    @property
+    def port(self) -> int:
+        assert self._runner is not None, "not started"
+        return int(self._runner.addresses[0][1])
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{self.config.host}:{self.port}"
+
+    async def stop(self) -> bool:
+        """Graceful: not ready (503 for new requests), in-flight finish, then close. True if fully drained."""
+        self.dataplane.begin_drain()
+        drained = await self.dataplane.wait_idle(self.config.drain_timeout_s)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.dataplane.close()
+        return drained

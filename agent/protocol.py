@@ -1,0 +1,424 @@
+"""The Open Inference Protocol (KServe v2) as a pure codec: bytes in, typed objects out.
+
+No transport, no model: HTTP and MQTT both hand this module the request body
+(JSON header plus the optional binary tail of the binary tensor data
+extension) and get back an `InferRequest`; they hand it an `InferResponse`
+and get back the bytes to send. Keeping it pure makes every protocol corner a
+unit test and lets both transports answer byte-for-byte the same.
+
+Speed matters here more than anywhere else in the agent (see FIELD-NOTES):
+binary tensors are wrapped with `np.frombuffer` (no copy, no parse), JSON is
+parsed and written with orjson, and float outputs are serialised straight from
+numpy when they are all finite.
+
+Non-finite outputs: JSON has no NaN or Infinity, so a float output holding them
+is written with the strings "NaN", "Infinity" and "-Infinity" in place of those
+elements (the spellings JavaScript and Python's `float()` read back), and the
+whole body stays valid JSON. Inputs may use the same strings.
+
+Float inputs in JSON are converted by numpy in one pass (the fast path for a
+150,000-number image): it also reads numeric strings, booleans and null (as
+NaN, which validation then refuses unless the model allows non-finite input).
+Integer and boolean inputs are checked strictly.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from .errors import InvalidRequest, ValidationError
+
+#: v2 datatype name -> numpy dtype (BYTES is a numpy object array of str).
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+#: manifest dtype (bundle TensorSpec.dtype) -> v2 datatype name.
+SPEC_DATATYPES: dict[str, str] = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "float16": "FP16", "float32": "FP32", "float64": "FP64", "bfloat16": "BF16", "string": "BYTES",
+}
+MAX_RANK = 16
+_NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf,
+                 "nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_LEN = struct.Struct("<I")
+
+
+_NAME_BY_DTYPE = {dt: name for name, dt in DATATYPES.items() if name != "BYTES"}
+_NAME_BY_DTYPE.update({dt.newbyteorder(">"): name for dt, name in list(_NAME_BY_DTYPE.items())})
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The v2 datatype name of a numpy array (str/bytes/object arrays are BYTES)."""
+    name = _NAME_BY_DTYPE.get(array.dtype)
+    if name is not None:
+        return name
+    if array.dtype.kind in "OUS":
+        return "BYTES"
+    raise InvalidRequest(f"dtype {array.dtype} has no Open Inference Protocol datatype")
+
+
+@dataclass(frozen=True)
+class InferInput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    #: None: follow the request's `binary_data_output` parameter.
+    binary: bool | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    inputs: tuple[InferInput, ...]
+    #: None: every output of the model.
+    outputs: tuple[RequestedOutput, ...] | None = None
+    id: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def binary_output_default(self) -> bool:
+        return bool(self.parameters.get("binary_data_output", False))
+
+    def input(self, name: str) -> InferInput:
+        for i in self.inputs:
+            if i.name == name:
+                return i
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    data: np.ndarray
+    binary: bool = False
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    outputs: tuple[OutputTensor, ...]
+    id: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    """`header` is the JSON; `tail` the binary outputs in order; send them back to back."""
+
+    header: bytes
+    tail: tuple[bytes, ...] = ()
+    #: Value of Inference-Header-Content-Length; None when there is no binary tail.
+    header_length: int | None = None
+
+    @property
+    def content_type(self) -> str:
+        return "application/json" if self.header_length is None else "application/octet-stream"
+
+    def body(self) -> bytes:
+        return self.header if not self.tail else b"".join((self.header, *self.tail))
+
+
+# --------------------------------------------------------------------------------------- decoding
+
+
+def split_body(body: bytes, header_length: str | int | None) -> tuple[bytes | memoryview, memoryview]:
+    """Separate the JSON header from the binary tail (Inference-Header-Content-Length)."""
+    view = memoryview(body)
+    if header_length is None or header_length == "":
+        return body, view[len(body):]
+    try:
+        n = int(header_length)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+    if not 0 < n <= len(body):
+        raise InvalidRequest(f"Inference-Header-Content-Length {n} is outside the body of {len(body)} bytes")
+    return view[:n], view[n:]
+
+
+def parse_json(data: bytes | memoryview | str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(f"malformed JSON: {e}") from None
+
+
+def decode_request(body: bytes, header_length: str | int | None = None) -> InferRequest:
+    """Decode a v2 inference request body (JSON, or JSON + binary tail)."""
+    header, tail = split_body(body, header_length)
+    doc = parse_json(header)
+    if not isinstance(doc, dict):
+        raise InvalidRequest("the request must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise InvalidRequest("'inputs' must be a list")
+    offset = 0
+    inputs: list[InferInput] = []
+    for raw in raw_inputs:
+        inp, offset = _decode_input(raw, tail, offset)
+        inputs.append(inp)
+    if offset != len(tail):
+        raise InvalidRequest(f"{len(tail) - offset} bytes of binary data are not claimed by any input")
+    names = [i.name for i in inputs]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("each input may appear once")
+    params = _params(doc.get("parameters"), "request")
+    req_id = doc.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise InvalidRequest("'id' must be a string")
+    return InferRequest(tuple(inputs), _decode_outputs(doc.get("outputs")), req_id, params)
+
+
+def _params(raw: object, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"'parameters' of the {where} must be an object")
+    return raw
+
+
+def _decode_outputs(raw: object) -> tuple[RequestedOutput, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise InvalidRequest("'outputs' must be a list")
+    outs = []
+    for o in raw:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise InvalidRequest("each requested output must be an object with a string 'name'")
+        params = _params(o.get("parameters"), f"output {o['name']!r}")
+        binary = params.get("binary_data")
+        outs.append(RequestedOutput(o["name"], None if binary is None else bool(binary), params))
+    return tuple(outs)
+
+
+def _decode_input(raw: object, tail: memoryview, offset: int) -> tuple[InferInput, int]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise InvalidRequest("each input must be an object with a string 'name'")
+    name: str = raw["name"]
+    datatype = raw.get("datatype")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise ValidationError(name, f"unknown datatype {datatype!r}; expected one of {sorted(DATATYPES)}")
+    shape_raw = raw.get("shape")
+    if (not isinstance(shape_raw, list) or len(shape_raw) > MAX_RANK
+            or not all(type(d) is int and d >= 0 for d in shape_raw)):
+        raise ValidationError(name, f"'shape' must be a list of at most {MAX_RANK} non-negative integers, "
+                                    f"got {str(shape_raw)[:80]}")
+    shape = tuple(shape_raw)
+    count = math.prod(shape)
+    params = _params(raw.get("parameters"), f"input {name!r}")
+    dtype = DATATYPES[datatype]
+    size = params.get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or size < 0:
+            raise ValidationError(name, "'binary_data_size' must be a non-negative integer")
+        if offset + size > len(tail):
+            raise ValidationError(name, f"binary_data_size {size} runs past the end of the body")
+        chunk = tail[offset:offset + size]
+        array = _from_binary(name, chunk, dtype, shape, count)
+        return InferInput(name, datatype, shape, array, params), offset + size
+    if "data" not in raw:
+        raise ValidationError(name, "has neither 'data' nor a 'binary_data_size' parameter")
+    array = _from_json(name, raw["data"], dtype, shape, count)
+    return InferInput(name, datatype, shape, array, params), offset
+
+
+def _from_binary(name: str, chunk: memoryview, dtype: np.dtype[Any], shape: tuple[int, ...],
+                 count: int) -> np.ndarray:
+    if dtype.kind == "O":
+        return _bytes_from_binary(name, chunk, shape, count)
+    expected = count * dtype.itemsize
+    if len(chunk) != expected:
+        raise ValidationError(name, f"binary data is {len(chunk)} bytes; shape {list(shape)} of "
+                                    f"{_v2(dtype)} needs {expected}")
+    array = np.frombuffer(chunk, dtype=dtype)
+    if not array.flags.aligned:  # an odd header length shifts the tail; ORT wants aligned memory
+        array = array.copy()
+    return array.reshape(shape)
+
+
+def _bytes_from_binary(name: str, chunk: memoryview, shape: tuple[int, ...], count: int) -> np.ndarray:
+    items: list[str] = []
+    pos, raw = 0, bytes(chunk)
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise ValidationError(name, "truncated BYTES element length")
+        (n,) = _LEN.unpack_from(raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise ValidationError(name, "BYTES element runs past its binary data")
+        try:
+            items.append(raw[pos:pos + n].decode())
+        except UnicodeDecodeError:
+            raise ValidationError(name, "BYTES element is not UTF-8") from None
+        pos += n
+    if len(items) != count:
+        raise ValidationError(name, f"has {len(items)} BYTES elements; shape {list(shape)} needs {count}")
+    return np.array(items, dtype=object).reshape(shape)
+
+
+def _from_json(name: str, data: object, dtype: np.dtype[Any], shape: tuple[int, ...],
+               count: int) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ValidationError(name, "'data' must be a list")
+    if dtype.kind == "f":
+        # fast path for the common case (a big float tensor): one conversion, no dtype inference
+        # pass; anything odd falls through to the strict path below for a precise message
+        try:
+            fast = np.array(data, dtype=dtype)
+        except (ValueError, TypeError):
+            pass
+        else:
+            if fast.size != count:
+                raise ValidationError(name, f"has {fast.size} elements; shape {list(shape)} needs {count}")
+            return fast.reshape(shape)
+    try:
+        array = np.array(data, dtype=object if dtype.kind == "O" else None)
+    except (ValueError, TypeError) as e:
+        raise ValidationError(name, f"'data' is not a regular array: {e}") from None
+    if array.size != count:
+        raise ValidationError(name, f"has {array.size} elements; shape {list(shape)} needs {count}")
+    if count == 0:
+        return np.zeros(shape, dtype=dtype)
+    kind, want = array.dtype.kind, dtype.kind
+    if want == "O":
+        flat = array.ravel()
+        if not all(isinstance(x, str) for x in flat):
+            raise ValidationError(name, "BYTES data must be strings")
+        return flat.reshape(shape)
+    if want == "f":
+        if kind in "OU":
+            array = _floats_with_tokens(name, np.array(data, dtype=object))
+        elif kind not in "fiu":
+            raise ValidationError(name, f"expected numbers for {_v2(dtype)}, got {_kind_name(kind)}")
+    elif want in "iu":
+        if kind not in "iu":
+            raise ValidationError(name, f"expected integers for {_v2(dtype)}, got {_kind_name(kind)}")
+        info = np.iinfo(dtype)
+        lo, hi = array.min(), array.max()
+        if lo < info.min or hi > info.max:
+            raise ValidationError(name, f"value out of range for {_v2(dtype)}")
+    elif want == "b" and kind != "b":
+        raise ValidationError(name, f"expected true/false for BOOL, got {_kind_name(kind)}")
+    return array.astype(dtype, copy=False).reshape(shape)
+
+
+def _floats_with_tokens(name: str, array: np.ndarray) -> np.ndarray:
+    flat = array.ravel().tolist()
+    out = np.empty(len(flat), dtype=np.float64)
+    for i, x in enumerate(flat):
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            out[i] = x
+        elif isinstance(x, str) and x in _NONFINITE_IN:
+            out[i] = _NONFINITE_IN[x]
+        else:
+            raise ValidationError(name, f"element {i} is {str(x)[:20]!r}, not a number")
+    return out.reshape(array.shape)
+
+
+def _kind_name(kind: str) -> str:
+    return {"f": "floats", "i": "integers", "u": "integers", "b": "booleans", "U": "strings",
+            "O": "mixed values", "S": "bytes"}.get(kind, kind)
+
+
+def _v2(dtype: np.dtype[Any]) -> str:
+    return next(k for k, v in DATATYPES.items() if v == dtype)
+
+
+# --------------------------------------------------------------------------------------- encoding
+
+
+def build_response(request: InferRequest, model_name: str, model_version: str,
+                   results: Mapping[str, np.ndarray]) -> InferResponse:
+    """Pick and order the outputs the request asked for, each binary or JSON as it asked."""
+    default = request.binary_output_default
+    if request.outputs is None:
+        outs = tuple(OutputTensor(n, a, default) for n, a in results.items())
+    else:
+        outs = tuple(OutputTensor(o.name, results[o.name], default if o.binary is None else o.binary)
+                     for o in request.outputs)
+    return InferResponse(model_name, model_version, outs, request.id)
+
+
+def encode_response(response: InferResponse) -> EncodedResponse:
+    outputs: list[dict[str, Any]] = []
+    tail: list[bytes] = []
+    for out in response.outputs:
+        arr = out.data
+        entry: dict[str, Any] = {"name": out.name, "datatype": datatype_of(arr), "shape": list(arr.shape)}
+        if out.binary:
+            raw = _to_binary(arr)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            tail.append(raw)
+        else:
+            entry["data"] = _to_json_data(arr)
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version,
+                           "outputs": outputs}
+    if response.id is not None:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = dict(response.parameters)
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    return EncodedResponse(header, tuple(tail), len(header) if tail else None)
+
+
+def _to_binary(arr: np.ndarray) -> bytes:
+    if arr.dtype.kind in "OUS":
+        parts = []
+        for x in arr.ravel().tolist():
+            b = x if isinstance(x, bytes) else str(x).encode()
+            parts += [_LEN.pack(len(b)), b]
+        return b"".join(parts)
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
+def _to_json_data(arr: np.ndarray) -> Any:
+    kind = arr.dtype.kind
+    if kind in "OUS":
+        return [x.decode(errors="backslashreplace") if isinstance(x, bytes) else str(x) for x in arr.ravel().tolist()]
+    flat = np.ascontiguousarray(arr).ravel()
+    if kind == "f" and not np.isfinite(flat).all():
+        return [x if math.isfinite(x) else ("NaN" if x != x else ("Infinity" if x > 0 else "-Infinity"))
+                for x in flat.tolist()]
+    if kind == "f" and flat.dtype.itemsize == 2:
+        return flat.astype(np.float32)  # exact; orjson writes float16 with fewer guarantees
+    return flat
+
+
+def count_non_finite(arrays: Sequence[np.ndarray]) -> int:
+    """Non-finite elements across float outputs (the fleet gates on the NaN rate)."""
+    bad = 0
+    for a in arrays:
+        if a.dtype.kind == "f":
+            finite = np.isfinite(a)
+            if not finite.all():
+                bad += int(a.size - np.count_nonzero(finite))
+    return bad
+
+
+def encode_error(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+def dumps(doc: Any) -> bytes:
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,101 @@
+"""Check a decoded request against the model's signature before the engine sees it.
+
+A runtime handed a wrong shape fails with a message about its internals, or
+worse, answers garbage; every mistake a caller can make is named here instead,
+with the input and what the model expects (a 400 on any transport).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from bundle import TensorSpec
+
+from .errors import InvalidRequest, ValidationError
+from .protocol import SPEC_DATATYPES, InferRequest
+
+
+def _fmt(shape: Sequence[int | str]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+class Validator:
+    """Turns a request into engine feeds, or raises ValidationError naming the input."""
+
+    def __init__(self, model: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 allow_non_finite: bool = False) -> None:
+        self.model = model
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
+        self.allow_non_finite = allow_non_finite
+        self._input_names = [t.name for t in self.inputs]
+        self._output_names = frozenset(t.name for t in self.outputs)
+        self._datatypes = {t.name: SPEC_DATATYPES.get(t.dtype, t.dtype) for t in self.inputs}
+
+    def feeds(self, request: InferRequest) -> dict[str, np.ndarray]:
+        given = {i.name: i for i in request.inputs}
+        for name in given:
+            if name not in self._datatypes:
+                raise ValidationError(name, f"is not an input of model {self.model!r}; "
+                                            f"it expects {self._input_names}")
+        dims: dict[str, tuple[int, str]] = {}
+        feeds: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            inp = given.get(spec.name)
+            if inp is None:
+                raise ValidationError(spec.name, f"is missing; model {self.model!r} expects "
+                                                 f"{self._input_names}")
+            want = self._datatypes[spec.name]
+            if inp.datatype != want:
+                raise ValidationError(spec.name, f"expected datatype {want}, got {inp.datatype}")
+            self._check_shape(spec, inp.data.shape, dims)
+            if not self.allow_non_finite and inp.data.dtype.kind == "f" and not np.isfinite(inp.data).all():
+                bad = inp.data.size - int(np.count_nonzero(np.isfinite(inp.data)))
+                if bad:
+                    raise ValidationError(spec.name, f"has {bad} non-finite values (NaN/Inf); "
+                                                     "this model does not accept them")
+            feeds[spec.name] = inp.data
+        self.check_outputs(request)
+        return feeds
+
+    def check_outputs(self, request: InferRequest) -> None:
+        if request.outputs is None:
+            return
+        seen: set[str] = set()
+        for o in request.outputs:
+            if o.name not in self._output_names:
+                raise InvalidRequest(f"output {o.name!r} is not an output of model {self.model!r}; "
+                                     f"it has {sorted(self._output_names)}")
+            if o.name in seen:
+                raise InvalidRequest(f"output {o.name!r} is requested twice")
+            seen.add(o.name)
+
+    def _check_shape(self, spec: TensorSpec, shape: tuple[int, ...], dims: dict[str, tuple[int, str]]) -> None:
+        if len(shape) != len(spec.shape):
+            raise ValidationError(spec.name, f"expected rank {len(spec.shape)} (shape {_fmt(spec.shape)}), "
+                                             f"got shape {_fmt(shape)}")
+        for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
+            if isinstance(want, int):
+                if want != got:
+                    raise ValidationError(spec.name, f"dimension {axis} must be {want} (shape {_fmt(spec.shape)}), "
+                                                     f"got shape {_fmt(shape)}")
+                continue
+            if got == 0:
+                raise ValidationError(spec.name, f"dimension {axis} ({want!r}) is 0; empty tensors are not served")
+            seen = dims.get(want)
+            if seen is None:
+                dims[want] = (got, spec.name)
+            elif seen[0] != got:
+                raise ValidationError(spec.name, f"dimension {want!r} is {got} here but {seen[0]} in input "
+                                                 f"{seen[1]!r}; it must agree across inputs")
+
+
+def batch_dim(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> str | None:
+    """The dynamic leading dimension shared by every input and output, if any (what batching merges on)."""
+    tensors = (*inputs, *outputs)
+    if not tensors or any(not t.shape or not isinstance(t.shape[0], str) for t in tensors):
+        return None
+    names = {str(t.shape[0]) for t in tensors}
+    return names.pop() if len(names) == 1 else None

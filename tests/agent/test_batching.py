@@ -1,0 +1,138 @@
+"""The adaptive batcher over a real Runner: results go back to the right request, failures to every waiter.
+
+No timing assertions: concurrency is made deterministic by one engine
+instance (while it computes the first batch, the others queue up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import bundle
+from agent.batching import AdaptiveBatcher
+from agent.errors import DeadlineExceeded, InferenceFailed, Overloaded, ValidationError
+from agent.runner import Runner
+
+MakeBatcher = Callable[..., AdaptiveBatcher]
+
+
+@pytest.fixture
+async def make_batcher(bundles: dict[str, pathlib.Path],
+                       trust: list[bundle.TrustAnchor]) -> AsyncIterator[tuple[MakeBatcher, list[int]]]:
+    made: list[AdaptiveBatcher] = []
+    sizes: list[int] = []
+
+    def make(model: str, *, max_batch_size: int = 8, max_queue: int = 64, delay_ms: float = 2.0,
+             instances: int = 1, max_request_items: int | None = None) -> AdaptiveBatcher:
+        runner = Runner.open(bundle.verify(bundles[model], trust), instances=instances)
+        b = AdaptiveBatcher(runner, max_batch_size=max_batch_size, max_queue_delay_ms=delay_ms, max_queue=max_queue,
+                            batchable=True, max_request_items=max_request_items, on_batch=sizes.append)
+        made.append(b)
+        return b
+
+    yield make, sizes
+    for b in made:
+        await b.close()
+        b.runner.close()
+
+
+def _deadline(s: float = 30.0) -> float:
+    return time.monotonic() + s
+
+
+async def test_results_are_split_back_to_the_right_requests(make_batcher: Any, reference: Any) -> None:
+    make, sizes = make_batcher
+    b = make("mlp", max_batch_size=16)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1 + i % 4, 64)).astype(np.float32) for i in range(24)]
+    results = await asyncio.gather(*(b.submit({"input": x}, _deadline()) for x in xs))
+    for x, r in zip(xs, results, strict=True):
+        np.testing.assert_allclose(r.outputs["logits"], reference("mlp", {"input": x})["logits"], rtol=1e-5, atol=1e-6)
+    assert max(sizes) > 4, sizes  # requests were merged (each alone is at most 4)
+    assert max(sizes) <= 16 and sum(sizes) == sum(len(x) for x in xs)
+
+
+async def test_a_request_larger_than_the_batch_is_split_and_one_too_large_is_refused(
+        make_batcher: Any, reference: Any) -> None:
+    make, sizes = make_batcher
+    b = make("mlp", max_batch_size=8, max_request_items=32)
+    x = np.random.default_rng(1).standard_normal((20, 64)).astype(np.float32)
+    r = await b.submit({"input": x}, _deadline())
+    np.testing.assert_allclose(r.outputs["logits"], reference("mlp", {"input": x})["logits"], rtol=1e-5, atol=1e-6)
+    assert sizes and max(sizes) <= 8 and sum(sizes) == 20
+    with pytest.raises(ValidationError, match="batch of 40 is over the 32 items"):
+        await b.submit({"input": np.zeros((40, 64), np.float32)}, _deadline())
+
+
+async def test_a_batch_failure_reaches_every_request_in_it(make_batcher: Any, reference: Any) -> None:
+    make, _sizes = make_batcher
+    b = make("lookup", max_batch_size=8)
+    x = np.ones((1, 4), np.float32)
+    first = asyncio.ensure_future(b.submit({"x": x, "idx": np.array([1])}, _deadline()))
+    while b.busy_instances == 0:  # dispatched alone: the engine is busy with it
+        await asyncio.sleep(0)
+    idxs = [2, 3, 99, 4, 5]  # 99 is past the table: the merged batch fails in the runtime
+    results = await asyncio.gather(*(b.submit({"x": x, "idx": np.array([i])}, _deadline()) for i in idxs),
+                                   return_exceptions=True)
+    np.testing.assert_array_equal((await first).outputs["y"], reference("lookup", {"x": x, "idx": np.array([1])})["y"])
+    assert all(isinstance(r, InferenceFailed) for r in results), results
+    for e in results:
+        assert "batch of 5 requests failed" in str(e) and "lookup" in str(e) and "99" in str(e)
+    # the batcher still serves after the failure
+    r = await b.submit({"x": x, "idx": np.array([2])}, _deadline())
+    np.testing.assert_array_equal(r.outputs["y"], reference("lookup", {"x": x, "idx": np.array([2])})["y"])
+
+
+async def test_incompatible_shapes_are_never_merged(make_batcher: Any, reference: Any) -> None:
+    make, _ = make_batcher
+    b = make("dynamic_conv")
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((1, 3, 8 + 4 * (i % 3), 8)).astype(np.float32) for i in range(9)]
+    results = await asyncio.gather(*(b.submit({"image": x}, _deadline()) for x in xs))
+    for x, r in zip(xs, results, strict=True):
+        np.testing.assert_allclose(r.outputs["embedding"], reference("dynamic_conv", {"image": x})["embedding"],
+                                   rtol=1e-5, atol=1e-6)
+
+
+async def test_expired_and_cancelled_requests_never_reach_the_engine(make_batcher: Any) -> None:
+    make, sizes = make_batcher
+    b = make("cnn", max_batch_size=4)
+    img = np.zeros((4, 3, 224, 224), np.float32)
+    first = asyncio.ensure_future(b.submit({"image": img}, _deadline()))
+    while b.busy_instances == 0:  # wait until first is dispatched: the engine is now busy
+        await asyncio.sleep(0)
+    late = asyncio.ensure_future(b.submit({"image": img[:1]}, time.monotonic() + 0.001))
+    gone = asyncio.ensure_future(b.submit({"image": img[:2]}, _deadline()))
+    await asyncio.sleep(0)
+    assert b.queue_depth == 2
+    gone.cancel()
+    with pytest.raises(DeadlineExceeded):
+        await late
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert b.queue_depth == 0
+    await first
+    assert sizes == [4]  # only the first batch ever ran
+
+
+async def test_a_full_queue_refuses_at_once_with_retry_after(make_batcher: Any) -> None:
+    make, _ = make_batcher
+    b = make("cnn", max_batch_size=1, max_queue=2)
+    img = np.zeros((1, 3, 224, 224), np.float32)
+    running = [asyncio.ensure_future(b.submit({"image": img}, _deadline()))]
+    while b.busy_instances == 0:
+        await asyncio.sleep(0)
+    running += [asyncio.ensure_future(b.submit({"image": img}, _deadline())) for _ in range(2)]
+    while b.queue_depth < 2:
+        await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        await b.submit({"image": img}, _deadline())
+    assert info.value.retry_after_s >= 1 and info.value.status == 503
+    await asyncio.gather(*running)

@@ -1,0 +1,145 @@
+"""The v2 codec on its own: JSON and binary tensors in, JSON and binary out, every malformed case a 400."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from agent.errors import InvalidRequest, ValidationError
+from agent.protocol import (
+    InferRequest,
+    InferResponse,
+    OutputTensor,
+    RequestedOutput,
+    build_response,
+    decode_request,
+    encode_response,
+)
+
+
+def _binary_body(header: dict[str, Any], *chunks: bytes) -> tuple[bytes, int]:
+    h = orjson.dumps(header)
+    return h + b"".join(chunks), len(h)
+
+
+def test_json_request_decodes_to_typed_arrays() -> None:
+    body = orjson.dumps({"id": "r1", "parameters": {"p": 1},
+                         "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3.5, 4]},
+                                    {"name": "ids", "datatype": "INT64", "shape": [2], "data": [[7], [8]]},
+                                    {"name": "m", "datatype": "BOOL", "shape": [1], "data": [True]}],
+                         "outputs": [{"name": "y", "parameters": {"binary_data": True}}]})
+    req = decode_request(body)
+    assert req.id == "r1" and req.parameters == {"p": 1}
+    x = req.input("x").data
+    assert x.dtype == np.float32 and x.shape == (2, 2) and x[1, 0] == 3.5
+    assert req.input("ids").data.dtype == np.int64 and req.input("ids").data.tolist() == [7, 8]
+    assert req.input("m").data.dtype == np.bool_
+    assert req.outputs == (RequestedOutput("y", True, {"binary_data": True}),)
+
+
+def test_binary_request_is_zero_copy_and_checked() -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    ids = np.array([1, 2], dtype=np.int64)
+    body, n = _binary_body({"inputs": [
+        {"name": "x", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": x.nbytes}},
+        {"name": "ids", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": ids.nbytes}},
+    ]}, x.tobytes(), ids.tobytes())
+    req = decode_request(body, str(n))
+    np.testing.assert_array_equal(req.input("x").data, x)
+    np.testing.assert_array_equal(req.input("ids").data, ids)
+    assert req.input("ids").data.flags.aligned
+
+
+def test_bytes_tensors_round_trip_in_json_and_binary() -> None:
+    words = ["héllo", "", "world"]
+    raw = b"".join(struct.pack("<I", len(w.encode())) + w.encode() for w in words)
+    body, n = _binary_body({"inputs": [{"name": "t", "datatype": "BYTES", "shape": [3],
+                                        "parameters": {"binary_data_size": len(raw)}}]}, raw)
+    assert decode_request(body, n).input("t").data.tolist() == words
+    req = decode_request(orjson.dumps({"inputs": [{"name": "t", "datatype": "BYTES", "shape": [3], "data": words}]}))
+    assert req.input("t").data.tolist() == words
+    enc = encode_response(InferResponse("m", "1", (OutputTensor("t", np.array(words, dtype=object), True),)))
+    assert b"".join(enc.tail) == raw
+
+
+@pytest.mark.parametrize(("body", "header_length", "needle"), [
+    (b"{not json", None, "malformed JSON"),
+    (b"[]", None, "JSON object"),
+    (b'{"inputs": {}}', None, "must be a list"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP99", "shape": [1], "data": [1]}]}', None, "unknown datatype"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]}', None, "non-negative"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}', None, "neither 'data'"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}', None, "needs 3"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": ["a", "b"]}]}', None, "not a number"),
+    (b'{"inputs": [{"name": "x", "datatype": "INT64", "shape": [2], "data": [1.5, 2]}]}', None, "integers"),
+    (b'{"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [300]}]}', None, "out of range"),
+    (b'{"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [1]}]}', None, "true/false"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [[1], [2, 3]]}]}', None, "regular"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}, '
+     b'{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}', None, "once"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}', "zz", "integer"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}', "9999", "outside the body"),
+])
+def test_malformed_requests_are_invalid(body: bytes, header_length: str | None, needle: str) -> None:
+    with pytest.raises(InvalidRequest, match=needle):
+        decode_request(body, header_length)
+
+
+def test_binary_size_mismatch_and_unclaimed_bytes() -> None:
+    body, n = _binary_body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [4],
+                                        "parameters": {"binary_data_size": 12}}]}, b"\0" * 12)
+    with pytest.raises(ValidationError, match="needs 16"):
+        decode_request(body, n)
+    body, n = _binary_body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
+                                        "parameters": {"binary_data_size": 4}}]}, b"\0" * 8)
+    with pytest.raises(InvalidRequest, match="not claimed"):
+        decode_request(body, n)
+    body, n = _binary_body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
+                                        "parameters": {"binary_data_size": 400}}]}, b"\0" * 4)
+    with pytest.raises(ValidationError, match="past the end"):
+        decode_request(body, n)
+
+
+def test_absurd_dims_are_refused_without_allocating() -> None:
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2**31, 2**31, 2**31],
+                                     "parameters": {"binary_data_size": 4}}]}) + b"\0" * 4
+    with pytest.raises(ValidationError, match="needs"):
+        decode_request(body, len(body) - 4)
+
+
+def test_non_finite_outputs_stay_valid_json() -> None:
+    out = np.array([1.5, np.nan, np.inf, -np.inf], dtype=np.float32)
+    enc = encode_response(InferResponse("m", "1", (OutputTensor("y", out),), id="abc"))
+    doc = json.loads(enc.header, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert doc["outputs"][0]["data"] == [1.5, "NaN", "Infinity", "-Infinity"]
+    assert doc["id"] == "abc" and enc.header_length is None
+    back = decode_request(orjson.dumps({"inputs": [{"name": "y", "datatype": "FP32", "shape": [4],
+                                                    "data": doc["outputs"][0]["data"]}]}))
+    got = back.input("y").data
+    assert got[0] == 1.5 and math.isnan(got[1]) and got[2] == np.inf and got[3] == -np.inf
+
+
+def test_output_selection_and_binary_flags() -> None:
+    req = InferRequest((), (RequestedOutput("b", True), RequestedOutput("a")), "i", {"binary_data_output": False})
+    resp = build_response(req, "m", "1", {"a": np.zeros(2, np.float32), "b": np.ones(3, np.int64)})
+    assert [(o.name, o.binary) for o in resp.outputs] == [("b", True), ("a", False)]
+    enc = encode_response(resp)
+    assert enc.header_length == len(enc.header) and enc.content_type == "application/octet-stream"
+    doc = json.loads(enc.header)
+    assert doc["outputs"][0]["parameters"] == {"binary_data_size": 24} and "data" not in doc["outputs"][0]
+    assert np.frombuffer(enc.tail[0], np.int64).tolist() == [1, 1, 1]
+    req_all = InferRequest((), None, None, {"binary_data_output": True})
+    assert all(o.binary for o in build_response(req_all, "m", "1", {"a": np.zeros(1)}).outputs)
+
+
+def test_fp16_outputs_are_written_exactly() -> None:
+    y = np.array([0.1, -2.5, 65504], dtype=np.float16)
+    doc = json.loads(encode_response(InferResponse("m", "1", (OutputTensor("y", y),))).header)
+    assert np.array(doc["outputs"][0]["data"], dtype=np.float16).tolist() == y.tolist()
+    assert doc["outputs"][0]["datatype"] == "FP16"
