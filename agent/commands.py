@@ -40,7 +40,8 @@ Transport = Callable[[DataPlane], AbstractAsyncContextManager[Any]]
 def load_bundles(dirs: Sequence[str], trust: Sequence[str]) -> list[bundle.VerifiedBundle]:
     if trust:
         anchors = bundle.anchors(list(trust))
-        return [bundle.verify(d, anchors) for d in dirs]
+        # The signature step runs in a child process: the OMS stack never stays resident here.
+        return [bundle.verify(d, anchors, isolate_signature=True) for d in dirs]
     loaded = []
     for d in dirs:
         vb = bundle.load_unverified(d)

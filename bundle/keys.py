@@ -6,9 +6,6 @@ import hashlib
 import os
 import pathlib
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from .errors import SigningError
 from .fsutil import atomic_write_bytes
 
@@ -20,6 +17,9 @@ def generate(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> tup
     """Write `signing.key` (mode 0600) and `signing.pub` into `out_dir`."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from cryptography.hazmat.primitives import serialization  # lazy: servers that only verify never pay for it
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key_path, pub_path = out / PRIVATE_NAME, out / PUBLIC_NAME
     if not overwrite and (key_path.exists() or pub_path.exists()):
         raise SigningError(str(key_path), "a key already exists here; refusing to overwrite it (use --force)")
@@ -37,6 +37,8 @@ def generate(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> tup
 
 def fingerprint(public_key_pem: bytes) -> str:
     """SHA-256 of the SubjectPublicKeyInfo PEM: the `hint` OMS records in signatures."""
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_public_key(public_key_pem)
     except ValueError as e:

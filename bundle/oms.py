@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-
 from .errors import SignatureMalformed, SignatureUntrusted, SigningError
 from .manifest import SIGNATURE_NAME
 
@@ -140,6 +138,8 @@ def signed_digests(
     """
     if not anchors:
         raise SignatureUntrusted(os.fspath(sig_path), "no trusted key or certificate chain was given")
+    from cryptography.exceptions import InvalidSignature
+
     _, _, sign_ec_key, sign_certificate, _ = _imports()
     path = pathlib.Path(sig_path)
     signature = _parse_envelope(path)

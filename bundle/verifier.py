@@ -135,8 +135,15 @@ def _check_external_data(root: pathlib.Path, model_rel: str, signed: Mapping[str
             raise ExternalDataError(str(model_path), f"{where}: offset/length run past the end of {target}")
 
 
-def verify(bundle_dir: str | os.PathLike[str], trusted: Sequence[TrustAnchor]) -> VerifiedBundle:
-    """Verify the bundle at `bundle_dir` against the trusted anchors."""
+def verify(
+    bundle_dir: str | os.PathLike[str], trusted: Sequence[TrustAnchor], *, isolate_signature: bool = False
+) -> VerifiedBundle:
+    """Verify the bundle at `bundle_dir` against the trusted anchors.
+
+    `isolate_signature` runs the signature step in a child process (see
+    `bundle.sigcheck`): long-lived servers use it to keep the OMS stack out of
+    their memory. Every other check runs here either way.
+    """
     root = pathlib.Path(bundle_dir).absolute()
     if not root.is_dir():
         raise BundleNotFound(str(root), "no bundle directory here")
@@ -148,7 +155,12 @@ def verify(bundle_dir: str | os.PathLike[str], trusted: Sequence[TrustAnchor]) -
     if not stat.S_ISREG(sig_st.st_mode):
         raise UnsafeFile(str(sig), "the signature must be a regular file")
 
-    signed, anchor = oms.signed_digests(sig, trusted)
+    if isolate_signature:
+        from .sigcheck import signed_digests_isolated
+
+        signed, anchor = signed_digests_isolated(sig, trusted)
+    else:
+        signed, anchor = oms.signed_digests(sig, trusted)
     for rel, d in signed.items():
         if d.algorithm != "sha256":
             raise SignatureMalformed(str(sig), f"{rel} is signed with {d.algorithm}; Outpost requires sha256")

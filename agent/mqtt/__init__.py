@@ -37,8 +37,23 @@ request/response round trip; set it on brokers that carry inference
 
 from __future__ import annotations
 
-from .connection import ConnectionStatus
-from .frontend import MqttFrontEnd, MqttStatus
-from .settings import MqttSettings
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .connection import ConnectionStatus
+    from .frontend import MqttFrontEnd, MqttStatus
+    from .settings import MqttSettings
+
+# Imported on first use (PEP 562): `outpost serve` without --mqtt never loads paho-mqtt.
+_LAZY = {"ConnectionStatus": ".connection", "MqttFrontEnd": ".frontend", "MqttStatus": ".frontend",
+         "MqttSettings": ".settings"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ConnectionStatus", "MqttFrontEnd", "MqttSettings", "MqttStatus"]

@@ -12,15 +12,16 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from agent.dataplane import DataPlane
 
-from .frontend import MqttFrontEnd
-from .metrics import MqttCollector
 from .settings import MqttSettings
+
+if TYPE_CHECKING:
+    from .frontend import MqttFrontEnd
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,6 +72,9 @@ def mqtt_options(f: F) -> F:
 
 def mqtt_transport(settings: MqttSettings) -> Callable[[DataPlane], contextlib.AbstractAsyncContextManager[Any]]:
     """A transport for `agent.commands.serve`: the MQTT front end, its metrics and its status lines."""
+
+    from .frontend import MqttFrontEnd  # paho-mqtt is loaded only when --mqtt is given
+    from .metrics import MqttCollector
 
     @contextlib.asynccontextmanager
     async def run(dataplane: DataPlane) -> AsyncIterator[MqttFrontEnd]:
