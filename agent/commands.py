@@ -119,7 +119,7 @@ def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tup
                   max_batch_size: int | None, max_queue_delay_ms: float | None, max_queue: int,
                   timeout_ms: float, max_body_bytes: int, allow_non_finite: bool, inline_compute_ms: float,
                   drain_timeout_s: float, loop_name: str, mqtt_transport: Transport | None = None) -> None:
-    """Serve BUNDLE_DIR... over the Open Inference Protocol (KServe v2) on HTTP."""
+    """Serve BUNDLE_DIR... over the Open Inference Protocol (KServe v2) on HTTP, and on MQTT with --mqtt."""
     started = time.monotonic()
     bundles = load_bundles(bundle_dirs, trust)
     model_config = ModelConfig(
