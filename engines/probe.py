@@ -253,6 +253,9 @@ class SystemProbe:
         if not _has_module("onnxruntime"):
             return None, ()
         version = _dist_version("onnxruntime", "onnxruntime-gpu")
+        if _dist_version("onnxruntime") and _dist_version("onnxruntime-gpu"):
+            notes.append("ONNX Runtime: both onnxruntime and onnxruntime-gpu are installed; they overwrite each "
+                         "other's module: uninstall both, then install one (OUTPOST_GPU=1 bash scripts/setup.sh)")
         if not self.import_runtimes:
             return version, ()
         try:

@@ -72,3 +72,21 @@ def test_build_context_survives_the_trip_to_the_child_process(gpu_probe: StaticP
                        profile_for(inputs, 16, {"height": (16, 32, 64)}), gpu_probe.detect(), "7.5")
     again = BuildContext.from_dict(json.loads(json.dumps(ctx.to_dict())))
     assert again == ctx
+
+
+def test_both_onnxruntime_builds_installed_is_reported(tmp_path: pathlib.Path) -> None:
+    """onnxruntime and onnxruntime-gpu overwrite each other's module: doctor must say so."""
+    import subprocess
+    import sys
+
+    dist = tmp_path / "onnxruntime_gpu-1.31.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.31.1\n")
+    code = ("from engines import SystemProbe\n"
+            "print('\\n'.join(SystemProbe(use_nvml=False, import_runtimes=False).detect().notes))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         env={"PYTHONPATH": f"{tmp_path}:{pathlib.Path(__file__).resolve().parents[2]}",
+                              "PATH": "/usr/bin:/bin"})
+    assert "both onnxruntime and onnxruntime-gpu are installed" in out.stdout
+    clean = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "both onnxruntime" not in clean.stdout
