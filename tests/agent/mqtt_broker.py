@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -35,8 +36,6 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 
 
-def mosquitto_available() -> bool:
-    return os.access(MOSQUITTO, os.X_OK) and os.access(MOSQUITTO_PASSWD, os.X_OK)
 
 
 def free_port() -> int:
@@ -281,6 +280,9 @@ class Requester:
 DEVICE = "dev1"
 PREFIX = f"outpost/{DEVICE}"
 REPLIES = f"{PREFIX}/replies"
+#: the MLP's request topic and a valid request for it, shared by the MQTT test modules
+INFER = f"{PREFIX}/models/mlp/infer"
+GOOD = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]})
 
 
 async def serving_dataplane(bundle_dir: pathlib.Path, trust: Any, config: Any = None) -> Any:

@@ -14,27 +14,24 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import orjson
 import pytest
 
 from agent.dataplane import DataPlane
 from agent.mqtt.metrics import MqttCollector
 from tests.agent.mqtt_broker import (
     DEVICE,
+    GOOD,
+    INFER,
     PREFIX,
     REPLIES,
     MosquittoBroker,
     Requester,
     front_end,
-    mosquitto_available,
     serving_dataplane,
 )
 
-pytestmark = [pytest.mark.timeout(90),
-              pytest.mark.skipif(not mosquitto_available(), reason="mosquitto missing: run scripts/setup.sh")]
+pytestmark = pytest.mark.timeout(90)
 
-INFER = f"{PREFIX}/models/mlp/infer"
-GOOD = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]})
 USERS = {"agent": "agent-pw", "client": "client-pw"}
 # Each party may touch only its side of the device's topic tree.
 ACL = f"""

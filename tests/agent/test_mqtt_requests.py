@@ -25,20 +25,18 @@ from agent.dataplane import DataPlane
 from agent.http_server import HttpServer
 from agent.mqtt import MqttFrontEnd
 from tests.agent.mqtt_broker import (
+    INFER,
     PREFIX,
     REPLIES,
     MosquittoBroker,
     Requester,
     front_end,
-    mosquitto_available,
     running_broker,
     serving_dataplane,
 )
 
-pytestmark = [pytest.mark.timeout(60),
-              pytest.mark.skipif(not mosquitto_available(), reason="mosquitto missing: run scripts/setup.sh")]
+pytestmark = pytest.mark.timeout(60)
 
-INFER = f"{PREFIX}/models/mlp/infer"
 HLEN = "Inference-Header-Content-Length"
 
 

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 
 from agent.config import ServerConfig
@@ -20,21 +19,18 @@ from agent.dataplane import DataPlane
 from agent.http_server import HttpServer
 from agent.mqtt import MqttFrontEnd
 from tests.agent.mqtt_broker import (
-    PREFIX,
+    GOOD,
+    INFER,
     REPLIES,
     MosquittoBroker,
     Received,
     Requester,
     front_end,
-    mosquitto_available,
     serving_dataplane,
 )
 
-pytestmark = [pytest.mark.timeout(90),
-              pytest.mark.skipif(not mosquitto_available(), reason="mosquitto missing: run scripts/setup.sh")]
+pytestmark = pytest.mark.timeout(90)
 
-INFER = f"{PREFIX}/models/mlp/infer"
-GOOD = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]})
 RECONNECT_MAX_S = 1.0
 
 

@@ -20,17 +20,15 @@ from agent.dataplane import DataPlane
 from agent.mqtt import MqttFrontEnd, MqttSettings
 from tests.agent.mqtt_broker import (
     DEVICE,
+    GOOD,
     PREFIX,
     MosquittoBroker,
     Requester,
-    mosquitto_available,
     serving_dataplane,
 )
 
-pytestmark = [pytest.mark.timeout(60),
-              pytest.mark.skipif(not mosquitto_available(), reason="mosquitto missing: run scripts/setup.sh")]
+pytestmark = pytest.mark.timeout(60)
 
-GOOD = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]})
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: pathlib.Path) -> None:
