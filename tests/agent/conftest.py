@@ -120,3 +120,14 @@ async def serve(trust: list[bundle.TrustAnchor]) -> AsyncIterator[ServeFactory]:
 
 def tensor(name: str, array: np.ndarray, datatype: str = "FP32") -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.ravel().tolist()}
+
+
+@pytest.fixture
+async def dataplane(make_bundle: Callable[..., pathlib.Path],
+                    trust: list[bundle.TrustAnchor]) -> AsyncIterator[DataPlane]:
+    """The signed MLP bundle on a data plane with no transport: the MQTT tests put their front end on it."""
+    from tests.agent.mqtt_broker import serving_dataplane
+
+    dp = await serving_dataplane(make_bundle("mlp", name="mlp", version="1.0.0"), trust)
+    yield dp
+    await dp.close()

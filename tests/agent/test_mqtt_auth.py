@@ -11,8 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -27,7 +26,6 @@ from tests.agent.mqtt_broker import (
     MosquittoBroker,
     Requester,
     front_end,
-    serving_dataplane,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -56,13 +54,6 @@ def broker(tmp_path: pathlib.Path) -> Iterator[MosquittoBroker]:
     b.start()
     yield b
     b.stop()
-
-
-@pytest.fixture
-async def dataplane(make_bundle: Callable[..., pathlib.Path], trust: Any) -> AsyncIterator[DataPlane]:
-    dp = await serving_dataplane(make_bundle("mlp", name="mlp", version="1.0.0"), trust)
-    yield dp
-    await dp.close()
 
 
 async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:

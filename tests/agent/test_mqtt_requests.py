@@ -47,13 +47,6 @@ def broker(tmp_path: pathlib.Path) -> Iterator[MosquittoBroker]:
 
 
 @pytest.fixture
-async def dataplane(make_bundle: Callable[..., pathlib.Path], trust: Any) -> AsyncIterator[DataPlane]:
-    dp = await serving_dataplane(make_bundle("mlp", name="mlp", version="1.0.0"), trust)
-    yield dp
-    await dp.close()
-
-
-@pytest.fixture
 async def front(dataplane: DataPlane, broker: MosquittoBroker) -> AsyncIterator[MqttFrontEnd]:
     async with front_end(dataplane, broker) as f:
         yield f

@@ -9,7 +9,6 @@ import logging
 import pathlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
 
 import aiohttp
 import pytest
@@ -26,7 +25,6 @@ from tests.agent.mqtt_broker import (
     Received,
     Requester,
     front_end,
-    serving_dataplane,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -40,13 +38,6 @@ def broker(tmp_path: pathlib.Path) -> Iterator[MosquittoBroker]:
     b.start()
     yield b
     b.stop()
-
-
-@pytest.fixture
-async def dataplane(make_bundle: Callable[..., pathlib.Path], trust: Any) -> AsyncIterator[DataPlane]:
-    dp = await serving_dataplane(make_bundle("mlp", name="mlp", version="1.0.0"), trust)
-    yield dp
-    await dp.close()
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ import asyncio
 import datetime
 import ipaddress
 import pathlib
-from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import orjson
 import pytest
@@ -24,7 +22,6 @@ from tests.agent.mqtt_broker import (
     PREFIX,
     MosquittoBroker,
     Requester,
-    serving_dataplane,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,13 +63,6 @@ def make_pki(out: pathlib.Path) -> dict[str, pathlib.Path]:
     (out / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["ca"] = out / "ca.pem"
     return paths
-
-
-@pytest.fixture
-async def dataplane(make_bundle: Callable[..., pathlib.Path], trust: Any) -> AsyncIterator[DataPlane]:
-    dp = await serving_dataplane(make_bundle("mlp", name="mlp", version="1.0.0"), trust)
-    yield dp
-    await dp.close()
 
 
 async def test_mqtts_with_a_client_certificate(dataplane: DataPlane, tmp_path: pathlib.Path) -> None:
