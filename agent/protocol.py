@@ -281,16 +281,17 @@ def _from_json(name: str, data: object, dtype: np.dtype[Any], shape: tuple[int, 
     if not isinstance(data, list):
         raise ValidationError(name, "'data' must be a list")
     if dtype.kind == "f":
-        # fast path for the common case (a big float tensor): one conversion, no dtype inference
-        # pass; anything odd falls through to the strict path below for a precise message
+        # fast path for the common case (a big float tensor): one conversion whose inferred dtype
+        # also proves every element was a JSON number (numpy would parse "1.5" or true into a
+        # float if asked for float32 directly); anything else takes the strict path below
         try:
-            fast = np.array(data, dtype=dtype)
+            fast = np.asarray(data)
         except (ValueError, TypeError):
-            pass
-        else:
+            fast = None
+        if fast is not None and fast.dtype.kind in "fiu":
             if fast.size != count:
                 raise ValidationError(name, f"has {fast.size} elements; shape {list(shape)} needs {count}")
-            return fast.reshape(shape)
+            return fast.astype(dtype, copy=False).reshape(shape)
     try:
         array = np.array(data, dtype=object if dtype.kind == "O" else None)
     except (ValueError, TypeError) as e:

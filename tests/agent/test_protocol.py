@@ -143,3 +143,23 @@ def test_fp16_outputs_are_written_exactly() -> None:
     doc = json.loads(encode_response(InferResponse("m", "1", (OutputTensor("y", y),))).header)
     assert np.array(doc["outputs"][0]["data"], dtype=np.float16).tolist() == y.tolist()
     assert doc["outputs"][0]["datatype"] == "FP16"
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    (["1.5"] * 4, "not a number"),
+    ([True, False, True, True], "booleans"),
+    ([1.0, "x", 2.0, 3.0], "not a number"),
+    ([[1.0, 2.0], [3.0]], "not a regular array"),
+], ids=["numeric-strings", "booleans", "mixed", "ragged"])
+def test_float_data_must_be_json_numbers(data: list[object], needle: str) -> None:
+    """numpy would turn "1.5" or true into a float if asked for float32 directly: a 400, not a guess."""
+    body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": data}]})
+    with pytest.raises(ValidationError, match=needle):
+        decode_request(body)
+
+
+def test_float_data_accepts_ints_nested_rows_and_nonfinite_tokens() -> None:
+    for data in ([1, 2, 3, 4], [[1.5, 2.5, 3.5, 4.5]], ["NaN", "Infinity", "-Infinity", 0.5]):
+        body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": data}]})
+        arr = decode_request(body).inputs[0].data
+        assert arr.dtype == np.float32 and arr.shape == (1, 4)
