@@ -26,7 +26,9 @@ import click
 from .config import DEFAULT_PORT, ENV_DB, ServerConfig, default_db_url, load_client_config, normalise_db_url
 
 F = TypeVar("F", bound=Callable[..., Any])
-_DATA_HELP = "Fleet data directory (database file, blobs, keys)."
+_data_option = click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+                            default="fleet-data", show_default=True,
+                            help="Fleet data directory (database file, blobs, keys).")
 
 
 @click.group("fleet")
@@ -41,8 +43,7 @@ def _db_url(db: str | None, data: pathlib.Path) -> str:
 
 @fleet_group.command("serve")
 @click.option("--db", "db_url", help="Database URL (sqlite:///PATH or postgresql://...); default DATA/fleet.db.")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
-              default="fleet-data", show_default=True, help=_DATA_HELP)
+@_data_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--trust", "trust", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=pathlib.Path),
@@ -83,8 +84,7 @@ def token_group() -> None:
 
 
 @token_group.command("create")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
-              default="fleet-data", show_default=True, help=_DATA_HELP)
+@_data_option
 @click.option("--db", "db_url", help="Database URL, when not the default file under --data.")
 @click.option("--role", type=click.Choice(["admin", "operator", "viewer"]), required=True)
 @click.option("--name", default="", help="A note saying whose token this is.")
@@ -112,8 +112,7 @@ def keys_group() -> None:
 
 
 @keys_group.command("init")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
-              default="fleet-data", show_default=True, help=_DATA_HELP)
+@_data_option
 def keys_init(data_dir: pathlib.Path) -> None:
     """Create the assignment-signing key (EC P-256, mode 0600) unless it exists."""
     from .signing import PUBLIC_NAME, init_key, load_or_create
