@@ -244,11 +244,16 @@ def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
     return data
 
 
-def load(bundle_dir: str | os.PathLike[str]) -> Manifest:
-    """Read a bundle's manifest *without* verifying the bundle (build, inspect)."""
+def read_raw(bundle_dir: str | os.PathLike[str]) -> tuple[str, bytes]:
+    """(path, bytes) of a bundle's manifest, bounded; for loaders that also hash it."""
     p = os.path.join(bundle_dir, MANIFEST_NAME)
     try:
-        data = read_bounded(p, MAX_MANIFEST_BYTES)
+        return p, read_bounded(p, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise ManifestError(p, "no manifest: not an Outpost bundle directory") from None
-    return parse(data, p)
+
+
+def load(bundle_dir: str | os.PathLike[str]) -> Manifest:
+    """Read a bundle's manifest *without* verifying the bundle (build, inspect)."""
+    path, data = read_raw(bundle_dir)
+    return parse(data, path)

@@ -179,7 +179,6 @@ def verify(
         raise ManifestModified(str(manifest_path), "the manifest was changed after signing")
     manifest = mf.parse(raw, str(manifest_path))
 
-    declared_sizes = {m.file: m.size for m in manifest.models}
     for rel in manifest.declared_files():
         if rel not in signed:
             raise ManifestInconsistent(str(manifest_path), f"names {rel}, which the bundle does not contain")
@@ -188,27 +187,43 @@ def verify(
             raise ManifestInconsistent(str(manifest_path), f"sha256 of {m.file} differs from the signed digest")
 
     files = {MANIFEST_NAME: VerifiedFile(MANIFEST_NAME, len(raw), signed[MANIFEST_NAME].hex)}
-    for rel in sorted(signed):
-        if rel == MANIFEST_NAME:
-            continue
+    files.update(_hash_checked(
+        root, on_disk, manifest, {rel: d.hex for rel, d in signed.items() if rel != MANIFEST_NAME},
+        "content does not match its signed digest (modified, corrupted or swapped from another bundle)",
+    ))
+    return _checked_bundle(root, manifest, files, anchor.describe())
+
+
+def _hash_checked(root: pathlib.Path, on_disk: Mapping[str, int], manifest: Manifest,
+                  expected: Mapping[str, str | None], mismatch: str) -> dict[str, VerifiedFile]:
+    """Size-check (against the manifest) then hash every file of `expected`, streaming.
+
+    A None digest is hashed without a comparison (the unverified loader's extra files).
+    """
+    declared_sizes = {m.file: m.size for m in manifest.models}
+    files: dict[str, VerifiedFile] = {}
+    for rel in sorted(expected):
         full = root / rel
         size = on_disk[rel]
-        expected = declared_sizes.get(rel)
-        if expected is not None and size != expected:
-            change = "truncated" if size < expected else "extended"
-            raise FileSizeMismatch(str(full), f"{size} bytes where the manifest says {expected} ({change})")
-        digest, read = sha256_file(full, expected if expected is not None else size)
-        if digest != signed[rel].hex:
-            raise FileModified(
-                str(full),
-                "content does not match its signed digest (modified, corrupted or swapped from another bundle)",
-            )
+        declared = declared_sizes.get(rel)
+        if declared is not None and size != declared:
+            change = "truncated" if size < declared else "extended"
+            raise FileSizeMismatch(str(full), f"{size} bytes where the manifest says {declared} ({change})")
+        digest, read = sha256_file(full, declared if declared is not None else size)
+        want = expected[rel]
+        if want is not None and digest != want:
+            raise FileModified(str(full), mismatch)
         files[rel] = VerifiedFile(rel, read, digest)
+    return files
 
+
+def _checked_bundle(root: pathlib.Path, manifest: Manifest, files: dict[str, VerifiedFile],
+                    signer: str) -> VerifiedBundle:
+    """Last step of both loaders: external data must stay inside the bundle."""
     sizes = {rel: f.size for rel, f in files.items()}
     for m in manifest.models:
         _check_external_data(root, m.file, sizes)
-    return VerifiedBundle(root, manifest, MappingProxyType(files), anchor.describe())
+    return VerifiedBundle(root, manifest, MappingProxyType(files), signer)
 
 
 UNVERIFIED = "UNVERIFIED (no signature check)"
@@ -223,24 +238,14 @@ def load_unverified(bundle_dir: str | os.PathLike[str]) -> VerifiedBundle:
     root = pathlib.Path(bundle_dir).absolute()
     if not root.is_dir():
         raise BundleNotFound(str(root), "no bundle directory here")
-    manifest = mf.load(root)
+    manifest_path, raw = mf.read_raw(root)
+    manifest = mf.parse(raw, manifest_path)
     on_disk = _files_on_disk(root)
-    raw = mf.read_bounded(root / MANIFEST_NAME, mf.MAX_MANIFEST_BYTES)
-    files = {MANIFEST_NAME: VerifiedFile(MANIFEST_NAME, len(raw), sha256_bytes(raw))}
     for m in manifest.models:
-        full = root / m.file
         if m.file not in on_disk:
-            raise MissingFile(str(full), "the manifest names this model but it is missing")
-        if on_disk[m.file] != m.size:
-            raise FileSizeMismatch(str(full), f"{on_disk[m.file]} bytes where the manifest says {m.size}")
-        digest, read = sha256_file(full, m.size)
-        if digest != m.sha256:
-            raise FileModified(str(full), "content does not match the manifest's sha256")
-        files[m.file] = VerifiedFile(m.file, read, digest)
-    for rel, size in on_disk.items():
-        if rel not in files:
-            digest, read = sha256_file(root / rel, size)
-            files[rel] = VerifiedFile(rel, read, digest)
-    for m in manifest.models:
-        _check_external_data(root, m.file, {k: f.size for k, f in files.items()})
-    return VerifiedBundle(root, manifest, MappingProxyType(files), UNVERIFIED)
+            raise MissingFile(str(root / m.file), "the manifest names this model but it is missing")
+    expected: dict[str, str | None] = {rel: None for rel in on_disk if rel != MANIFEST_NAME}
+    expected.update({m.file: m.sha256 for m in manifest.models})
+    files = {MANIFEST_NAME: VerifiedFile(MANIFEST_NAME, len(raw), sha256_bytes(raw))}
+    files.update(_hash_checked(root, on_disk, manifest, expected, "content does not match the manifest's sha256"))
+    return _checked_bundle(root, manifest, files, UNVERIFIED)

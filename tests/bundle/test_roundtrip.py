@@ -251,3 +251,23 @@ def test_cli_help_is_useful() -> None:
 def test_cli_verify_needs_trust(make_bundle: MakeBundle) -> None:
     r = _outpost("bundle", "verify", make_bundle("mlp"))
     assert r.returncode == 2 and "--trust" in r.stderr
+
+
+def test_unverified_loader_still_checks_the_manifest_hashes(make_bundle: MakeBundle) -> None:
+    """The developer's loop skips the signature, never the hashes the manifest itself declares."""
+    b = make_bundle("mlp", "multi_io", sign=False)
+    vb = bundle.load_unverified(b)
+    assert vb.signer == bundle.UNVERIFIED and set(vb.files) == {"outpost.json", "models/mlp.onnx",
+                                                                "models/multi_io.onnx"}
+    model = b / "models/mlp.onnx"
+    data = bytearray(model.read_bytes())
+    data[100] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(errors.FileModified, match="manifest's sha256"):
+        bundle.load_unverified(b)
+    model.write_bytes(bytes(data[:-1]))
+    with pytest.raises(errors.FileSizeMismatch, match="truncated"):
+        bundle.load_unverified(b)
+    model.unlink()
+    with pytest.raises(errors.MissingFile):
+        bundle.load_unverified(b)
