@@ -17,16 +17,18 @@ Any failure raises a typed `BundleError` naming the file and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from . import manifest as mf
 from . import oms
 from .errors import (
+    BundleError,
     BundleNotFound,
     ExternalDataError,
     FileModified,
@@ -37,6 +39,7 @@ from .errors import (
     MissingFile,
     SignatureMalformed,
     SignatureMissing,
+    UnreadableFile,
     UnsafeFile,
     UnsignedFile,
 )
@@ -148,6 +151,18 @@ def _check_external_data(root: pathlib.Path, model_rel: str, signed: Mapping[str
     return tuple(sorted(targets))
 
 
+@contextlib.contextmanager
+def _typed_os_errors(root: pathlib.Path) -> Iterator[None]:
+    """Every failure of a loader is a `BundleError`: an OS refusal too (EACCES, EIO, ENAMETOOLONG...)."""
+    try:
+        yield
+    except BundleError:
+        raise
+    except OSError as e:
+        where = e.filename if isinstance(e.filename, str) else str(root)
+        raise UnreadableFile(where, f"cannot read the bundle: {e.strerror or e}") from e
+
+
 def verify(
     bundle_dir: str | os.PathLike[str], trusted: Sequence[TrustAnchor], *, isolate_signature: bool = False
 ) -> VerifiedBundle:
@@ -158,6 +173,11 @@ def verify(
     their memory. Every other check runs here either way.
     """
     root = pathlib.Path(bundle_dir).absolute()
+    with _typed_os_errors(root):
+        return _verify(root, trusted, isolate_signature)
+
+
+def _verify(root: pathlib.Path, trusted: Sequence[TrustAnchor], isolate_signature: bool) -> VerifiedBundle:
     if not root.is_dir():
         raise BundleNotFound(str(root), "no bundle directory here")
     sig = root / SIGNATURE_NAME
@@ -248,6 +268,11 @@ def load_unverified(bundle_dir: str | os.PathLike[str]) -> VerifiedBundle:
     without `--trust` does, and says so loudly. `signer` is `UNVERIFIED`.
     """
     root = pathlib.Path(bundle_dir).absolute()
+    with _typed_os_errors(root):
+        return _load_unverified(root)
+
+
+def _load_unverified(root: pathlib.Path) -> VerifiedBundle:
     if not root.is_dir():
         raise BundleNotFound(str(root), "no bundle directory here")
     manifest_path, raw = mf.read_raw(root)
