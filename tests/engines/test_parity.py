@@ -7,7 +7,7 @@ import pytest
 
 from bundle import TensorSpec
 from engines import ParityError
-from engines.parity import compare, generate_inputs, candidate_inputs
+from engines.parity import candidate_inputs, compare, generate_inputs
 from engines.shapes import profile_for
 
 

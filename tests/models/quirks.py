@@ -79,9 +79,9 @@ def unknown() -> onnx.ModelProto:
 
 def zipmap(string_labels: bool = False) -> onnx.ModelProto:
     """skl2onnx's default conversion of a 3-class LogisticRegression on iris (4 float features)."""
+    from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
-    from skl2onnx import to_onnx
 
     x, y = load_iris(return_X_y=True)
     labels = np.array(["setosa", "versicolor", "virginica"])[y] if string_labels else y
