@@ -156,9 +156,9 @@ class Reference:
         from .ort_common import import_ort, session_options
 
         ort = import_ort()
-        self._session = ort.InferenceSession(
-            model_path, sess_options=session_options(options or EngineOptions(), "disable"),
-            providers=["CPUExecutionProvider"])
+        so = session_options(options or EngineOptions(), "disable")
+        so.log_severity_level = 4  # inputs it rejects are expected here, and reported by the caller
+        self._session = ort.InferenceSession(model_path, sess_options=so, providers=["CPUExecutionProvider"])
         self._names = [o.name for o in self._session.get_outputs()]
         self._convert = converters(outputs)
 
