@@ -94,6 +94,13 @@ class _DimNamer:
         named = {d.dim_param for v in (*graph.input, *graph.output) if v.type.HasField("tensor_type")
                  for d in v.type.tensor_type.shape.dim if d.dim_param and not is_unknown_dim(d)}
         self._taken = {_dim_name(n) for n in named}
+        initializers = {i.name for i in graph.initializer}
+        leading = {_dim_name(d[0].dim_param) if d and d[0].dim_param and not is_unknown_dim(d[0]) else None
+                   for v in graph.input if v.name not in initializers and v.type.HasField("tensor_type")
+                   for d in [v.type.tensor_type.shape.dim]}
+        if len(leading) == 1 and None not in leading:  # the inputs name their batch: outputs' unknown one is it
+            self.batch = str(leading.pop())
+            return
         self.batch = BATCH_DIM
         while self.batch in self._taken:
             self.batch += "_"

@@ -52,6 +52,17 @@ def test_a_model_naming_a_dim_batch_elsewhere_keeps_it_apart(tmp_path: pathlib.P
     assert sig["inputs"][0]["shape"] == ["batch_", "batch"]
 
 
+def test_outputs_leading_unknown_dim_takes_the_batch_name_the_inputs_give(tmp_path: pathlib.Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    sig = bundle.read_signature(tmp_path / "m.onnx")
+    assert sig["inputs"][0]["shape"] == ["N", 4] and sig["outputs"][0]["shape"] == ["N", 4]
+
+
 @pytest.mark.parametrize("string_labels", [False, True])
 def test_a_zipmap_output_is_recorded_as_its_served_tensor(tmp_path: pathlib.Path, string_labels: bool) -> None:
     path = tmp_path / "clf.onnx"
