@@ -1,8 +1,10 @@
 """`outpost serve`: the data plane standalone, no fleet needed.
 
 With `--trust` each bundle is verified and the command refuses to start if any
-fails (serving a silent subset of what the operator asked for hides the
-failure). Without it, bundles are loaded unverified for the developer loop and
+fails verification (a tampered bundle is an incident, not a partial start). A
+verified bundle whose engine does not load is reported (log, `ready` 503, the
+reason in its metadata) and the others are served; the command fails only when
+no model loads. Without it, bundles are loaded unverified for the developer loop and
 the command says so loudly, once per bundle. The agent daemon reuses `serve()`
 with verified bundles only.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import signal
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -33,6 +36,7 @@ from .dataplane import DataPlane
 from .http_server import HttpServer
 from .mqtt.commands import mqtt_options
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Transport = Callable[[DataPlane], AbstractAsyncContextManager[Any]]
 
@@ -56,8 +60,18 @@ async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelCon
                 stop: asyncio.Event | None = None) -> bool:
     """Load, serve until SIGTERM/SIGINT (or `stop`), drain. Returns True if every in-flight request finished."""
     dataplane = DataPlane()
-    for vb in bundles:
-        await asyncio.to_thread(dataplane.load_bundle, vb, model_config)
+    for vb in bundles:  # one bundle that does not load must not take the others down
+        try:
+            await asyncio.to_thread(dataplane.load_bundle, vb, model_config)
+        except Exception as e:
+            for f in dataplane.record_failure(vb, e):
+                log.error("model %s@%s did not load: %s", f.name, f.version, f.reason)
+                click.secho(f"outpost serve: NOT serving {f.name}@{f.version}: {f.reason}", fg="red", err=True)
+    if not dataplane.models():
+        raise click.ClickException("no model could be loaded; see the errors above")
+    for sm in dataplane.models():
+        if sm.runner.parity_note:
+            click.secho(f"outpost serve: {sm.name}@{sm.version} parity {sm.runner.parity_note}", fg="yellow", err=True)
     # Start-up leaves a large heap of long-lived objects (model-signing, schema, runtime bindings):
     # freeze them so the collector's full passes under load skip what will never be garbage.
     gc.collect()

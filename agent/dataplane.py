@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as _pkg_metadata
 from typing import Any
 
-from bundle import UNVERIFIED, VerifiedBundle
+from bundle import UNVERIFIED, Manifest, ModelEntry, TensorSpec, VerifiedBundle
 
 from .batching import AdaptiveBatcher
 from .config import ModelConfig
@@ -69,23 +69,59 @@ class ServedModel:
         return self.bundle.signer != UNVERIFIED
 
     def metadata(self, versions: list[str]) -> dict[str, Any]:
-        def tensor(t: Any) -> dict[str, Any]:
-            return {"name": t.name, "datatype": SPEC_DATATYPES.get(t.dtype, t.dtype),
-                    "shape": [d if isinstance(d, int) else -1 for d in t.shape]}
-
-        return {
-            "name": self.name,
-            "versions": versions,
-            "platform": "onnxruntime_onnx",
-            "inputs": [tensor(t) for t in self.runner.inputs],
-            "outputs": [tensor(t) for t in self.runner.outputs],
-            "outpost": {
-                "bundle": self.bundle.manifest.ref, "digest": self.bundle.digest, "signer": self.bundle.signer,
-                "verified": self.verified, "backend": self.runner.backend, "instances": self.runner.instances,
-                "max_batch_size": self.max_batch_size, "max_queue_delay_ms": self.max_queue_delay_ms,
-                "max_queue": self.config.max_queue,
-            },
+        note = self.runner.parity_note
+        outpost: dict[str, Any] = {
+            "bundle": self.bundle.manifest.ref, "digest": self.bundle.digest, "signer": self.bundle.signer,
+            "verified": self.verified, "ready": True, "backend": self.runner.backend,
+            "instances": self.runner.instances, "max_batch_size": self.max_batch_size,
+            "max_queue_delay_ms": self.max_queue_delay_ms, "max_queue": self.config.max_queue,
+            "parity": {"checked": note is None, "note": note},
         }
+        labels = _labels(self.runner.outputs)
+        if labels:
+            outpost["labels"] = labels
+        return _metadata_doc(self.name, versions, self.runner.inputs, self.runner.outputs, outpost)
+
+
+def _tensor_doc(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "datatype": SPEC_DATATYPES.get(t.dtype, t.dtype),
+            "shape": [d if isinstance(d, int) else -1 for d in t.shape]}
+
+
+def _labels(outputs: Sequence[TensorSpec]) -> dict[str, list[int | str]]:
+    """Output name -> the class labels of its columns, for outputs served from a ZipMap."""
+    return {t.name: list(t.source.labels) for t in outputs if t.source is not None}
+
+
+def _metadata_doc(name: str, versions: list[str], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                  outpost: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "versions": versions, "platform": "onnxruntime_onnx",
+            "inputs": [_tensor_doc(t) for t in inputs], "outputs": [_tensor_doc(t) for t in outputs],
+            "outpost": outpost}
+
+
+@dataclass(frozen=True)
+class FailedModel:
+    """A model `serve` was asked for that did not load: not served, reported (ready 503, metadata)."""
+
+    name: str
+    version: str
+    bundle: VerifiedBundle
+    entry: ModelEntry
+    reason: str
+
+    def metadata(self) -> dict[str, Any]:
+        return _metadata_doc(self.name, [self.version], self.entry.inputs, self.entry.outputs, {
+            "bundle": self.bundle.manifest.ref, "digest": self.bundle.digest, "signer": self.bundle.signer,
+            "verified": self.bundle.signer != UNVERIFIED, "ready": False, "state": "failed", "error": self.reason,
+        })
+
+
+def served_names(manifest: Manifest) -> list[tuple[ModelEntry, str]]:
+    """(model entry, served name) of every model of a bundle: the bundle's name for a one-model
+    bundle, `<bundle>.<model>` for each of several."""
+    several = len(manifest.models) > 1
+    return [(m, f"{manifest.name}.{m.name}" if several else manifest.name) for m in manifest.models]
 
 
 class DataPlane:
@@ -93,6 +129,8 @@ class DataPlane:
         self.metrics = metrics or ServingMetrics()
         self.name = name
         self._models: dict[tuple[str, str], ServedModel] = {}
+        #: models asked for that did not load (`record_failure`); never served, reported
+        self._failed: dict[tuple[str, str], FailedModel] = {}
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
         self._draining = False
@@ -105,11 +143,9 @@ class DataPlane:
         """Load every model of a bundle (blocking: engines compile/load here)."""
         config = config or ModelConfig()
         manifest = bundle.manifest
-        several = len(manifest.models) > 1
         loaded: list[ServedModel] = []
         try:
-            for entry in manifest.models:
-                name = f"{manifest.name}.{entry.name}" if several else manifest.name
+            for entry, name in served_names(manifest):
                 if (name, manifest.version) in self._models:
                     raise AgentError(f"model {name!r} version {manifest.version!r} is already loaded")
                 loaded.append(self._load_model(bundle, entry.name, name, config, cache_dir))
@@ -120,7 +156,26 @@ class DataPlane:
             raise
         for sm in loaded:
             self._models[(sm.name, sm.version)] = sm
+            self._failed.pop((sm.name, sm.version), None)
         return loaded
+
+    def record_failure(self, bundle: VerifiedBundle, error: BaseException) -> list[FailedModel]:
+        """Remember that a bundle's models did not load, and why (ready says 503, metadata the reason)."""
+        reason = str(error) or type(error).__name__
+        failed = [FailedModel(name, bundle.manifest.version, bundle, entry, reason)
+                  for entry, name in served_names(bundle.manifest)
+                  if (name, bundle.manifest.version) not in self._models]
+        for f in failed:
+            self._failed[(f.name, f.version)] = f
+        return failed
+
+    def failed(self) -> list[FailedModel]:
+        return list(self._failed.values())
+
+    def _failed_model(self, model: str, version: str | None) -> FailedModel | None:
+        if version:
+            return self._failed.get((model, version))
+        return next((f for (n, _), f in self._failed.items() if n == model), None)
 
     def _load_model(self, bundle: VerifiedBundle, entry: str, name: str, config: ModelConfig,
                     cache_dir: str | None) -> ServedModel:
@@ -209,15 +264,26 @@ class DataPlane:
         return self._live and not self._draining and bool(self._models)
 
     def model_ready(self, model: str, version: str | None = None) -> bool:
-        """Raises ModelNotFound for a model that is not served (a 404, not a 'not ready')."""
-        self.get(model, version)
+        """Raises ModelNotFound for a model nobody asked for (a 404); one that failed to load is not ready."""
+        try:
+            self.get(model, version)
+        except ModelNotFound:
+            if self._failed_model(model, version) is not None:
+                return False
+            raise
         return not self._draining
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": self.name, "version": _version(), "extensions": list(EXTENSIONS)}
 
     def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
-        sm = self.get(model, version)
+        try:
+            sm = self.get(model, version)
+        except ModelNotFound:
+            failed = self._failed_model(model, version)
+            if failed is not None:
+                return failed.metadata()
+            raise
         versions = [v for (n, v) in self._models if n == sm.name]
         return sm.metadata(versions)
 

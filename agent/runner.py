@@ -29,11 +29,14 @@ class RunResult:
 
 
 class Runner:
-    def __init__(self, model: str, engines: Sequence[Engine], backend: str, inline_compute_ms: float = 0.0) -> None:
+    def __init__(self, model: str, engines: Sequence[Engine], backend: str, inline_compute_ms: float = 0.0,
+                 *, parity_note: str | None = None) -> None:
         if not engines:
             raise ValueError("a runner needs at least one engine")
         self.model = model
         self.backend = backend
+        #: None when the engine was checked against the ORT CPU reference; else why it was not
+        self.parity_note = parity_note
         self.inputs: tuple[TensorSpec, ...] = engines[0].inputs
         self.outputs: tuple[TensorSpec, ...] = engines[0].outputs
         self.instances = len(engines)
@@ -53,17 +56,17 @@ class Runner:
         """Load `instances` engines for one model of a verified bundle (blocking)."""
         entry = bundle.manifest.model(model)
         engines: list[Engine] = []
-        chosen = backend
+        chosen, note = backend, None
         try:
             for _ in range(instances):
                 result = open_engine(bundle, entry.name, backend=backend, options=options, cache_dir=cache_dir)
                 engines.append(result.engine)
-                chosen = result.backend
+                chosen, note = result.backend, result.parity_note
         except BaseException:
             for e in engines:
                 e.close()
             raise
-        return cls(entry.name, engines, chosen, inline_compute_ms)
+        return cls(entry.name, engines, chosen, inline_compute_ms, parity_note=note)
 
     def run_sync(self, feeds: Mapping[str, np.ndarray]) -> RunResult:
         engine = self._free.get()

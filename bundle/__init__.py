@@ -7,7 +7,7 @@ imports this package's internals.
 
 from . import errors
 from .archive import pack, unpack
-from .builder import BuildOptions, build, read_signature
+from .builder import BuildOptions, build, read_signature, sample_warnings
 from .errors import BundleError
 from .fsutil import atomic_write_bytes, atomic_writer, fsync_dir
 from .hashing import sha256_file
@@ -23,7 +23,9 @@ from .manifest import (
     Service,
     Serving,
     Slo,
+    TensorSource,
     TensorSpec,
+    tensor_spec,
 )
 from .manifest import load as load_manifest
 from .manifest import parse as parse_manifest
@@ -45,6 +47,7 @@ __all__ = [
     "Service",
     "Serving",
     "Slo",
+    "TensorSource",
     "TensorSpec",
     "TrustAnchor",
     "VerifiedBundle",
@@ -62,8 +65,10 @@ __all__ = [
     "pack",
     "parse_manifest",
     "read_signature",
+    "sample_warnings",
     "sha256_file",
     "sign_directory",
+    "tensor_spec",
     "unpack",
     "verify",
 ]

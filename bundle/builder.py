@@ -24,6 +24,7 @@ from .fsutil import atomic_write_bytes, copy_file_atomic, staged_directory
 from .hashing import sha256_file
 from .manifest import MANIFEST_NAME, EngineKind, Precision
 from .onnx_refs import ProtobufError, external_refs
+from .served import ServedForm, describe_type, served_forms
 
 _DTYPES = {
     "FLOAT": "float32",
@@ -62,30 +63,78 @@ class BuildOptions:
     assets: tuple[pathlib.Path, ...] = field(default_factory=tuple)
 
 
-def _dim_name(raw: str, fallback: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", raw or fallback)[:64]
+#: dim_param values exporters write for "unknown": empty, "?" (PaddlePaddle), "-1", "None", and
+#: placeholders such as tf2onnx's "unk__12"; each is its own dimension, never a shared name
+_UNKNOWN_DIM = re.compile(r"^\s*(\?|-1|None|unk__\d+|)\s*$")
+#: the name a leading unknown dimension gets: exporters write "-1"/"?"/"" for the batch
+BATCH_DIM = "batch"
+
+
+def _dim_name(raw: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", raw)[:64]
     return name if re.match(r"^[A-Za-z_]", name) else f"d_{name}"[:64]
 
 
-def _tensor_spec(value_info: Any, path: str) -> dict[str, Any]:
+def is_unknown_dim(dim: Any) -> bool:
+    """An ONNX dimension with neither a size nor a meaningful name (-1 counts: PaddlePaddle writes it)."""
+    if dim.HasField("dim_value"):
+        return bool(dim.dim_value <= 0)
+    return bool(_UNKNOWN_DIM.match(dim.dim_param))
+
+
+class _DimNamer:
+    """Names the dims of one model: real names kept, unknown ones made independent.
+
+    A leading unknown dim is the batch (exporters write -1/"?"/"" there): every
+    such dim shares one name, so batching merges requests on it. Any other
+    unknown dim gets a name of its own, so two of them never have to agree.
+    """
+
+    def __init__(self, graph: Any) -> None:
+        named = {d.dim_param for v in (*graph.input, *graph.output) if v.type.HasField("tensor_type")
+                 for d in v.type.tensor_type.shape.dim if d.dim_param and not is_unknown_dim(d)}
+        self._taken = {_dim_name(n) for n in named}
+        initializers = {i.name for i in graph.initializer}
+        leading = {_dim_name(d[0].dim_param) if d and d[0].dim_param and not is_unknown_dim(d[0]) else None
+                   for v in graph.input if v.name not in initializers and v.type.HasField("tensor_type")
+                   for d in [v.type.tensor_type.shape.dim]}
+        if len(leading) == 1 and None not in leading:  # the inputs name their batch: outputs' unknown one is it
+            self.batch = str(leading.pop())
+            return
+        self.batch = BATCH_DIM
+        while self.batch in self._taken:
+            self.batch += "_"
+
+    def name(self, dim: Any, tensor: str, axis: int) -> int | str:
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            return int(dim.dim_value)
+        if not is_unknown_dim(dim):
+            return _dim_name(dim.dim_param)
+        if axis == 0:
+            return self.batch
+        base = _dim_name(f"{tensor}_dim{axis}")
+        name, i = base, 2
+        while name in self._taken:
+            name, i = f"{base}_{i}"[:64], i + 1
+        self._taken.add(name)
+        return name
+
+
+def _tensor_spec(value_info: Any, path: str, namer: _DimNamer, served: ServedForm | None = None) -> dict[str, Any]:
     import onnx
 
     ttype = value_info.type
+    if served is not None:
+        return served.spec(value_info.name, namer.batch)
     if not ttype.HasField("tensor_type"):
-        raise InvalidModel(
-            path, f"input/output {value_info.name!r} is not a tensor (sequences and maps are not served)"
-        )
+        raise InvalidModel(path, f"input/output {value_info.name!r} is a {describe_type(ttype)}, not a tensor; "
+                                 "Outpost serves tensors, and a sklearn classifier's ZipMap output")
     elem = onnx.TensorProto.DataType.Name(ttype.tensor_type.elem_type)
     if elem not in _DTYPES:
         raise InvalidModel(path, f"tensor {value_info.name!r} has unsupported dtype {elem}")
-    shape: list[int | str] = []
     if not ttype.tensor_type.HasField("shape"):
         raise InvalidModel(path, f"tensor {value_info.name!r} has no declared shape (rank unknown)")
-    for i, d in enumerate(ttype.tensor_type.shape.dim):
-        if d.HasField("dim_value") and d.dim_value > 0:
-            shape.append(int(d.dim_value))
-        else:
-            shape.append(_dim_name(d.dim_param, f"{value_info.name}_dim{i}"))
+    shape = [namer.name(d, value_info.name, i) for i, d in enumerate(ttype.tensor_type.shape.dim)]
     return {"name": value_info.name, "dtype": _DTYPES[elem], "shape": shape}
 
 
@@ -101,12 +150,28 @@ def read_signature(model_path: str | os.PathLike[str]) -> dict[str, Any]:
         raise InvalidModel(path, f"not a valid ONNX model: {str(e).strip().splitlines()[0][:300]}") from None
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
-    inputs = [_tensor_spec(v, path) for v in graph.input if v.name not in initializers]
-    outputs = [_tensor_spec(v, path) for v in graph.output]
+    namer = _DimNamer(graph)
+    served = served_forms(graph)
+    inputs = [_tensor_spec(v, path, namer) for v in graph.input if v.name not in initializers]
+    outputs = [_tensor_spec(v, path, namer, served.get(v.name)) for v in graph.output]
     if not inputs or not outputs:
         raise InvalidModel(path, "the graph needs at least one input and one output")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"inputs": inputs, "outputs": outputs, "opset": opset}
+
+
+def sample_warnings(manifest: mf.Manifest) -> list[str]:
+    """Why a bundle without samples may go unchecked on the device: dims other than the batch
+    that engines can only guess (an STFT needs a minimum length, a detector a stride multiple)."""
+    if manifest.samples:
+        return []
+    out = []
+    for m in manifest.models:
+        guessed = sorted({d for t in m.inputs for d in t.shape[1:] if isinstance(d, str)})
+        if guessed:
+            out.append(f"model {m.name} has dynamic dims {', '.join(guessed)} and no sample inputs: devices will "
+                       "synthesize inputs for the parity check, which some models reject; add `--samples`")
+    return out
 
 
 def _model_name(path: pathlib.Path, taken: set[str]) -> str:

@@ -150,6 +150,8 @@ def bundle_build(
         f"built {manifest.ref} (release {manifest.release}) at {out_dir}: "
         f"{len(manifest.models)} model(s); unsigned, run `outpost bundle sign`"
     )
+    for warning in build_mod.sample_warnings(manifest):
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
 
 
 @bundle_group.command("sign")

@@ -19,6 +19,7 @@ tree, grouped by origin (what is wrong, not where it was noticed)::
     │   ├── FileSizeMismatch         case 2: truncated or extended
     │   ├── UnsignedFile             case 3: added after signing
     │   ├── MissingFile              case 3: removed after signing
+    │   ├── UnreadableFile           the OS refused a read (permissions, I/O error, path too long)
     │   └── UnsafeFile               symlink, device, fifo inside the bundle
     ├── ArchiveError                 the packed single-file form
     │   ├── UnsafeArchiveMember      case 8: absolute, '..', links, devices
@@ -98,6 +99,10 @@ class UnsignedFile(IntegrityError):
 
 
 class MissingFile(IntegrityError):
+    pass
+
+
+class UnreadableFile(IntegrityError):
     pass
 
 

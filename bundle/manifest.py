@@ -32,11 +32,24 @@ DEFAULT_ENGINES: tuple[EngineKind, ...] = ("tensorrt", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
+class TensorSource:
+    """What a served tensor is made from when the ONNX value is not a tensor (see `bundle.served`)."""
+
+    kind: Literal["zipmap"]
+    #: the ONNX type, as ONNX Runtime spells it, e.g. "seq(map(int64,tensor(float)))"
+    onnx_type: str
+    #: class labels, in the order of the served tensor's last axis
+    labels: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str
     #: An int is a fixed size; a str names a dynamic dimension.
     shape: tuple[Dim, ...]
+    #: None for a plain tensor; else the non-tensor ONNX value this tensor is served from
+    source: TensorSource | None = None
 
     @property
     def dynamic_dims(self) -> tuple[str, ...]:
@@ -125,6 +138,10 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
+        for m in raw["models"]:
+            for t in (*m["inputs"], *m["outputs"]):
+                if t["source"] is None:  # plain tensors keep the schema-1 form
+                    del t["source"]
         return cast(dict[str, Any], json.loads(json.dumps(raw)))  # tuples -> lists
 
     def to_json(self) -> bytes:
@@ -163,8 +180,11 @@ def validate(doc: object, path: str = MANIFEST_NAME) -> None:
         raise ManifestSchemaError(path, _field_path(err), message)
 
 
-def _tensor(d: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
+def tensor_spec(d: dict[str, Any]) -> TensorSpec:
+    """A TensorSpec from its (already validated) dict form; also reads `dataclasses.asdict`'s output."""
+    src = d.get("source")
+    source = None if src is None else TensorSource(src["kind"], src["onnx_type"], tuple(src["labels"]))
+    return TensorSpec(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]), source=source)
 
 
 def from_dict(doc: dict[str, Any], path: str = MANIFEST_NAME) -> Manifest:
@@ -176,8 +196,8 @@ def from_dict(doc: dict[str, Any], path: str = MANIFEST_NAME) -> Manifest:
             file=m["file"],
             sha256=m["sha256"],
             size=m["size"],
-            inputs=tuple(_tensor(t) for t in m["inputs"]),
-            outputs=tuple(_tensor(t) for t in m["outputs"]),
+            inputs=tuple(tensor_spec(t) for t in m["inputs"]),
+            outputs=tuple(tensor_spec(t) for t in m["outputs"]),
             format=m["format"],
             opset=m.get("opset"),
         )

@@ -17,16 +17,18 @@ Any failure raises a typed `BundleError` naming the file and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import stat
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from . import manifest as mf
 from . import oms
 from .errors import (
+    BundleError,
     BundleNotFound,
     ExternalDataError,
     FileModified,
@@ -37,6 +39,7 @@ from .errors import (
     MissingFile,
     SignatureMalformed,
     SignatureMissing,
+    UnreadableFile,
     UnsafeFile,
     UnsignedFile,
 )
@@ -61,6 +64,8 @@ class VerifiedBundle:
     manifest: Manifest
     files: Mapping[str, VerifiedFile]
     signer: str
+    #: model file -> the external-data files it reads (bundle-relative, each a verified file)
+    external_data: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def path(self, rel: str) -> pathlib.Path:
         if rel not in self.files:
@@ -69,6 +74,12 @@ class VerifiedBundle:
 
     def model_path(self, name: str | None = None) -> pathlib.Path:
         return self.path(self.manifest.model(name).file)
+
+    def model_sources(self, name: str | None = None) -> tuple[tuple[str, str], ...]:
+        """(path, verified sha256) of every file one model is made of: the model first, then its
+        external data. Whoever reads them later must check these digests on the bytes it reads."""
+        rel = self.manifest.model(name).file
+        return tuple((r, self.files[r].sha256) for r in (rel, *self.external_data.get(rel, ())))
 
     @property
     def digest(self) -> str:
@@ -105,13 +116,15 @@ def _files_on_disk(root: pathlib.Path) -> dict[str, int]:
     return found
 
 
-def _check_external_data(root: pathlib.Path, model_rel: str, signed: Mapping[str, int]) -> None:
+def _check_external_data(root: pathlib.Path, model_rel: str, signed: Mapping[str, int]) -> tuple[str, ...]:
+    """The bundle-relative files the model's external data lives in; raises if any is not a signed file."""
     model_path = root / model_rel
     try:
         refs = external_refs(model_path)
     except (ProtobufError, ValueError) as e:
         raise InvalidModel(str(model_path), f"not a parseable ONNX protobuf: {e}") from None
     base = pathlib.PurePosixPath(model_rel).parent
+    targets: list[str] = []
     for ref in refs:
         loc = ref.location
         where = f"tensor {ref.tensor!r} stores its data at {loc!r}"
@@ -133,6 +146,21 @@ def _check_external_data(root: pathlib.Path, model_rel: str, signed: Mapping[str
         end = ref.offset + (ref.length or 0)
         if ref.offset < 0 or end > signed[target]:
             raise ExternalDataError(str(model_path), f"{where}: offset/length run past the end of {target}")
+        if target not in targets:
+            targets.append(target)
+    return tuple(sorted(targets))
+
+
+@contextlib.contextmanager
+def _typed_os_errors(root: pathlib.Path) -> Iterator[None]:
+    """Every failure of a loader is a `BundleError`: an OS refusal too (EACCES, EIO, ENAMETOOLONG...)."""
+    try:
+        yield
+    except BundleError:
+        raise
+    except OSError as e:
+        where = e.filename if isinstance(e.filename, str) else str(root)
+        raise UnreadableFile(where, f"cannot read the bundle: {e.strerror or e}") from e
 
 
 def verify(
@@ -145,6 +173,11 @@ def verify(
     their memory. Every other check runs here either way.
     """
     root = pathlib.Path(bundle_dir).absolute()
+    with _typed_os_errors(root):
+        return _verify(root, trusted, isolate_signature)
+
+
+def _verify(root: pathlib.Path, trusted: Sequence[TrustAnchor], isolate_signature: bool) -> VerifiedBundle:
     if not root.is_dir():
         raise BundleNotFound(str(root), "no bundle directory here")
     sig = root / SIGNATURE_NAME
@@ -221,9 +254,8 @@ def _checked_bundle(root: pathlib.Path, manifest: Manifest, files: dict[str, Ver
                     signer: str) -> VerifiedBundle:
     """Last step of both loaders: external data must stay inside the bundle."""
     sizes = {rel: f.size for rel, f in files.items()}
-    for m in manifest.models:
-        _check_external_data(root, m.file, sizes)
-    return VerifiedBundle(root, manifest, MappingProxyType(files), signer)
+    external = {m.file: _check_external_data(root, m.file, sizes) for m in manifest.models}
+    return VerifiedBundle(root, manifest, MappingProxyType(files), signer, MappingProxyType(external))
 
 
 UNVERIFIED = "UNVERIFIED (no signature check)"
@@ -236,6 +268,11 @@ def load_unverified(bundle_dir: str | os.PathLike[str]) -> VerifiedBundle:
     without `--trust` does, and says so loudly. `signer` is `UNVERIFIED`.
     """
     root = pathlib.Path(bundle_dir).absolute()
+    with _typed_os_errors(root):
+        return _load_unverified(root)
+
+
+def _load_unverified(root: pathlib.Path) -> VerifiedBundle:
     if not root.is_dir():
         raise BundleNotFound(str(root), "no bundle directory here")
     manifest_path, raw = mf.read_raw(root)

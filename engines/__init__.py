@@ -3,7 +3,7 @@
 Public API (everything else is internal):
 
     open_engine(bundle, model=None, backend="auto", options=None, cache_dir=None, probe=None)
-        -> EngineResult(engine, backend, fallbacks, cache_hit, build, load_s)
+        -> EngineResult(engine, backend, fallbacks, cache_hit, build, load_s, parity)
     plan(...)            the same arguments: what open_engine would try here and why (no build)
     SystemProbe / StaticProbe / HardwareInfo / GpuInfo   the hardware seam
     EngineCache          the on-disk cache (size bound, LRU) if a caller wants to own it
@@ -27,6 +27,7 @@ from .errors import (
     EngineError,
     EngineLoadError,
     InferenceError,
+    ModelChanged,
     OutOfMemory,
     ParityError,
 )
@@ -37,6 +38,6 @@ from .registry import AUTO, BACKENDS, Fallback
 __all__ = [
     "AUTO", "BACKENDS", "BackendUnavailable", "BuildCrashed", "BuildPlan", "BuildTimeout", "CacheError", "CacheKey",
     "Engine", "EngineBuildError", "EngineCache", "EngineError", "EngineLoadError", "EngineOptions", "EngineResult",
-    "Fallback", "GpuInfo", "HardwareInfo", "InferenceError", "OutOfMemory", "ParityError", "PlannedBackend", "Probe",
-    "StaticProbe", "SystemProbe", "default_cache_dir", "open_engine", "plan",
+    "Fallback", "GpuInfo", "HardwareInfo", "InferenceError", "ModelChanged", "OutOfMemory", "ParityError",
+    "PlannedBackend", "Probe", "StaticProbe", "SystemProbe", "default_cache_dir", "open_engine", "plan",
 ]

@@ -18,7 +18,7 @@ import pathlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bundle import TensorSpec
+from bundle import TensorSpec, tensor_spec
 
 from .base import Engine, EngineOptions
 from .probe import GpuInfo, HardwareInfo, parse_cc
@@ -26,8 +26,9 @@ from .shapes import DimRange, ShapeProfile
 
 
 @dataclass(frozen=True)
-class Unavailable:
-    """Why a backend was skipped before any build: `kind` is a short stable tag for the fleet."""
+class SkipReason:
+    """Why a backend was skipped before any build: `kind` is a short stable tag for the fleet
+    (the same tags as `Fallback.kind` and `EngineError.kind`)."""
 
     kind: str  # "not-installed" | "no-gpu" | "unsupported"
     reason: str
@@ -35,7 +36,15 @@ class Unavailable:
 
 @dataclass(frozen=True)
 class BuildContext:
-    """Everything a build needs, serialisable so a child process can rebuild it."""
+    """Everything a build needs, serialisable so a child process can rebuild it.
+
+    `sources` are the verified files the model is made of (the model first, then
+    its external-data files): paths relative to `source_root` with the sha256 the
+    bundle's verification vouched for. A build never reads them in place: the
+    child copies them into a private directory, hashing as it copies, refuses on
+    any mismatch, and builds from the copy (`engines.sources`), so a file
+    swapped after verification is never built, checked against, nor cached.
+    """
 
     model_path: str
     inputs: tuple[TensorSpec, ...]
@@ -45,6 +54,17 @@ class BuildContext:
     profile: ShapeProfile
     hardware: HardwareInfo
     min_compute_capability: str | None = None
+    source_root: str = ""
+    sources: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def model_sha256(self) -> str:
+        return self.sources[0][1] if self.sources else ""
+
+    @property
+    def model_file(self) -> str:
+        """The model's path relative to `source_root`."""
+        return self.sources[0][0] if self.sources else pathlib.Path(self.model_path).name
 
     @property
     def dtypes(self) -> set[str]:
@@ -61,13 +81,12 @@ class BuildContext:
             "batch_dims": [n for n, r in self.profile.dims if r.batch],
             "hardware": self.hardware.to_dict(),
             "min_compute_capability": self.min_compute_capability,
+            "source_root": self.source_root,
+            "sources": [list(s) for s in self.sources],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BuildContext:
-        def spec(t: dict[str, Any]) -> TensorSpec:
-            return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
-
         hw = dict(d["hardware"])
         hw["gpus"] = tuple(GpuInfo(**g) for g in hw["gpus"])
         for k in ("ort_providers", "notes"):
@@ -78,27 +97,30 @@ class BuildContext:
         dims = tuple((n, DimRange(lo, opt, hi, batch=n in batch)) for n, lo, opt, hi in d["profile"])
         return cls(
             model_path=d["model_path"],
-            inputs=tuple(spec(t) for t in d["inputs"]),
-            outputs=tuple(spec(t) for t in d["outputs"]),
+            inputs=tuple(tensor_spec(t) for t in d["inputs"]),
+            outputs=tuple(tensor_spec(t) for t in d["outputs"]),
             options=EngineOptions(**opts),
             precision=d["precision"],
             profile=ShapeProfile(dims),
             hardware=HardwareInfo(**hw),
             min_compute_capability=d["min_compute_capability"],
+            source_root=d.get("source_root", ""),
+            sources=tuple((str(rel), str(digest)) for rel, digest in d.get("sources", ())),
         )
 
 
 class CompiledEngine(Engine):
     """An engine with the registry's hooks (see the module docstring)."""
 
-    #: which manifest `serving.engines` kind this backend serves: "tensorrt" | "cuda" | "cpu"
-    kind: str = ""
+    #: which manifest `serving.engines` entry this backend serves: "tensorrt" | "cuda" | "cpu"
+    #: (named apart from the failure tags called `kind` elsewhere in this package)
+    engine_kind: str = ""
     #: whether the cache key includes the GPU (model and compute capability)
     uses_gpu: bool = False
 
     @classmethod
     @abc.abstractmethod
-    def unavailable(cls, ctx: BuildContext) -> Unavailable | None: ...
+    def unavailable(cls, ctx: BuildContext) -> SkipReason | None: ...
 
     @classmethod
     @abc.abstractmethod
@@ -113,21 +135,23 @@ class CompiledEngine(Engine):
     def from_entry(cls, ctx: BuildContext, entry_dir: pathlib.Path) -> CompiledEngine: ...
 
 
-def gpu_unavailable(ctx: BuildContext, provider: str | None = None) -> Unavailable | None:
+def gpu_unavailable(ctx: BuildContext, provider: str | None = None) -> SkipReason | None:
     """The checks every GPU backend shares: a GPU, new enough, the runtime's provider."""
     hw = ctx.hardware
     if hw.gpu is None:
         why = "; ".join(hw.notes) or "no NVML and no Jetson board found"
-        return Unavailable("no-gpu", f"no NVIDIA GPU detected ({why})")
+        return SkipReason("no-gpu", f"no NVIDIA GPU detected ({why})")
     if ctx.min_compute_capability and hw.gpu.cc_tuple < parse_cc(ctx.min_compute_capability):
-        return Unavailable("unsupported", f"GPU {hw.gpu.name} has compute capability {hw.gpu.compute_capability}, "
+        return SkipReason("unsupported", f"GPU {hw.gpu.name} has compute capability {hw.gpu.compute_capability}, "
                                           f"below the bundle's minimum {ctx.min_compute_capability}")
     if provider is not None:
         if hw.onnxruntime_version is None:
-            return Unavailable("not-installed", "onnxruntime is not installed")
+            return SkipReason("not-installed", "onnxruntime is not installed")
         if provider not in hw.ort_providers:
-            return Unavailable("not-installed", f"this onnxruntime build has no {provider} "
+            return SkipReason("not-installed", f"this onnxruntime build has no {provider} "
                                                 f"(install onnxruntime-gpu: the `gpu` extra)")
         if "string" in ctx.dtypes:  # ORT would run the whole graph on its CPU EP
-            return Unavailable("unsupported", "string tensors cannot live in GPU memory")
+            return SkipReason("unsupported", "string tensors cannot live in GPU memory")
+    if any(t.source is not None for t in ctx.outputs):  # ZipMap: sequences of maps live on the host
+        return SkipReason("unsupported", "non-tensor outputs (a classifier's ZipMap) are computed on the CPU")
     return None

@@ -6,11 +6,13 @@ Layout under the cache root:
     staging/<backend>-<digest>.*  builds in progress (never loaded)
     locks/<backend>-<digest>.lock one lock per key: two processes never build the same entry
 
-The key (`CacheKey`) is model sha256 x backend x precision x shape profile x
+The key (`CacheKey`) is model sha256 (and external data's) x backend x precision x shape profile x
 build options x GPU model and compute capability x runtime versions; its
 digest names the directory, and `entry.json` repeats the whole key, which a
 lookup compares field by field, so an entry made for another GPU or runtime
-is never loaded even if a directory was copied or renamed.
+is never loaded even if a directory was copied or renamed. `entry.json` also
+records `built_from`, the sha256 of the model bytes the build actually read
+(THREATS #12), and a lookup refuses an entry whose record is not the key's.
 
 Crash safety (THREATS #18): a build writes into a staging directory; commit
 fsyncs every file, writes `entry.json` (the file list with sizes and sha256)
@@ -35,7 +37,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -46,7 +48,9 @@ from bundle import atomic_write_bytes, fsync_dir, sha256_file
 from .errors import BuildTimeout, CacheError
 
 ENTRY_META = "entry.json"
-FORMAT = 1
+#: 2: entries record `built_from` (the sha256 of the model files they were built from); format-1
+#: entries predate that check and are rebuilt
+FORMAT = 2
 DEFAULT_MAX_BYTES = 8 << 30
 _MAX_META_BYTES = 1 << 20
 
@@ -64,6 +68,13 @@ class CacheKey:
     compute_capability: str | None
     #: sorted (runtime, version) pairs: onnxruntime, tensorrt, cuda, driver, cpu...
     runtimes: tuple[tuple[str, str | None], ...]
+    #: sha256 of the model's external-data files, sorted (weights can change under an identical graph)
+    data_sha256: tuple[str, ...] = ()
+
+    @property
+    def sources(self) -> frozenset[str]:
+        """Every digest an entry for this key must have been built from."""
+        return frozenset((self.model_sha256, *self.data_sha256))
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))  # type: ignore[no-any-return]
@@ -133,6 +144,9 @@ class EngineCache:
         if stored != key.to_dict():
             fields = sorted(k for k, v in key.to_dict().items() if not isinstance(stored, dict) or stored.get(k) != v)
             return Lookup(None, f"entry was built for another {', '.join(fields) or 'key'}; not loading it")
+        built = meta.get("built_from")
+        if not isinstance(built, dict) or set(built.values()) != key.sources:
+            return Lookup(None, "entry does not record being built from this model's verified bytes; not loading it")
         files = meta.get("files")
         if not isinstance(files, dict) or not files:
             return Lookup(None, "entry lists no files")
@@ -185,14 +199,23 @@ class EngineCache:
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)
 
-    def commit(self, staging: pathlib.Path, key: CacheKey, build: dict[str, Any] | None = None) -> pathlib.Path:
-        """Seal `staging` as the entry for `key` (the caller holds the key's lock)."""
+    def commit(self, staging: pathlib.Path, key: CacheKey, build: dict[str, Any] | None = None, *,
+               built_from: Mapping[str, str]) -> pathlib.Path:
+        """Seal `staging` as the entry for `key` (the caller holds the key's lock).
+
+        `built_from` maps each model file the build read to the sha256 of the bytes it read;
+        they must be the key's digests, and every lookup checks them again.
+        """
+        if set(built_from.values()) != key.sources:
+            raise CacheError(f"the {key.backend} build read model bytes other than the verified ones "
+                             f"({sorted(built_from.values())} for {sorted(key.sources)}); not caching it")
         try:
-            return self._commit(staging, key, build)
+            return self._commit(staging, key, build, dict(built_from))
         except OSError as e:  # disk full, read-only file system: the staging dir is the caller's to drop
             raise CacheError(f"cannot write engine cache entry {key.name}: {e}") from e
 
-    def _commit(self, staging: pathlib.Path, key: CacheKey, build: dict[str, Any] | None) -> pathlib.Path:
+    def _commit(self, staging: pathlib.Path, key: CacheKey, build: dict[str, Any] | None,
+                built_from: dict[str, str]) -> pathlib.Path:
         files: dict[str, dict[str, Any]] = {}
         for full in sorted(p for p in staging.rglob("*") if p.is_file()):
             with open(full, "rb+") as f:
@@ -203,7 +226,8 @@ class EngineCache:
             fsync_dir(d)
         if not files:
             raise CacheError(f"the {key.backend} build wrote nothing to cache")
-        meta = {"format": FORMAT, "key": key.to_dict(), "files": files, "created": time.time(), "build": build or {}}
+        meta = {"format": FORMAT, "key": key.to_dict(), "built_from": built_from, "files": files,
+                "created": time.time(), "build": build or {}}
         atomic_write_bytes(staging / ENTRY_META, json.dumps(meta, indent=1, sort_keys=True).encode())
         target = self.entry_path(key)
         if target.exists():

@@ -54,7 +54,7 @@ def _echo_json(doc: object) -> None:
 
 def _result_doc(result: EngineResult) -> dict[str, Any]:
     return {"backend": result.backend, "cache_hit": result.cache_hit, "load_s": round(result.load_s, 4),
-            "build": result.build, "fallbacks": [vars(f) for f in result.fallbacks]}
+            "build": result.build, "parity": result.parity, "fallbacks": [vars(f) for f in result.fallbacks]}
 
 
 @click.group("engine")
@@ -75,9 +75,12 @@ def build_command(bundle_dir: pathlib.Path, trust: tuple[pathlib.Path, ...], mod
     if as_json:
         _echo_json(_result_doc(result))
         return
-    state = "cache hit (no build, no parity check)" if result.cache_hit else "built, parity checked"
+    state = "cache hit (no build, no parity check)" if result.cache_hit else (
+        "built, parity NOT checked" if result.parity_note else "built, parity checked")
     click.echo(f"{b.manifest.ref}: {result.backend} engine, {state}, ready in {result.load_s:.3f} s")
-    if result.build:
+    if result.parity_note:
+        click.secho(f"  parity {result.parity_note}", fg="yellow")
+    elif result.build:
         worst = result.build.get("parity", {}).get("max_abs_error", {})
         click.echo(f"  parity ({result.build['parity']['source']} inputs): max |error| {worst}")
     for f in result.fallbacks:
@@ -104,6 +107,8 @@ def inspect_command(bundle_dir: pathlib.Path, trust: tuple[pathlib.Path, ...], m
     for i, s in enumerate(p.steps, 1):
         note = "cached" if s.cached else f"needs a build{f' ({s.cache_note})' if s.cache_note else ''}"
         click.echo(f"  {i}. {s.backend}: {note}  [{s.key.name}]")
+        if s.parity_note:
+            click.secho(f"     parity {s.parity_note}", fg="yellow")
     for f in p.skipped:
         click.echo(f"  -  {f.backend} [{f.kind}]: {f.reason}")
 

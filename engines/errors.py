@@ -3,6 +3,7 @@
     EngineError                 root
     ├── BackendUnavailable      runtime not installed / no GPU / constraint unmet
     ├── EngineBuildError        parser or builder failed
+    │   ├── ModelChanged        the model's bytes differ from what verification vouched for
     │   ├── ParityError         engine output disagrees with the ORT CPU reference
     │   ├── BuildCrashed        the isolated first build died (segfault, abort)
     │   ├── BuildTimeout        the isolated first build ran past build_timeout_s
@@ -39,6 +40,10 @@ class BackendUnavailable(EngineError):
 
 class EngineBuildError(EngineError):
     kind = "build-failed"
+
+
+class ModelChanged(EngineBuildError):
+    kind = "model-changed"
 
 
 class ParityError(EngineBuildError):

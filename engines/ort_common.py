@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,15 +30,18 @@ import numpy as np
 
 from bundle import TensorSpec
 
-from .backend import BuildContext, CompiledEngine, Unavailable
+from .backend import BuildContext, CompiledEngine, SkipReason
 from .base import EngineOptions
 from .errors import EngineBuildError, EngineLoadError, InferenceError
+from .nontensor import as_tensors, converters
 from .probe import HardwareInfo
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 OPTIMIZED_MODEL = "model.onnx"
 OPTIMIZED_DATA = "model.onnx.data"
+#: where a backend that cannot save an optimized model keeps its checked copy of the model's files
+SOURCE_DIR = "source"
 
 ProviderList = list[tuple[str, dict[str, Any]]]
 
@@ -62,9 +66,9 @@ def session_options(options: EngineOptions, level: str | None = None) -> Any:
     return so
 
 
-def ort_unavailable(hw: HardwareInfo) -> Unavailable | None:
+def ort_unavailable(hw: HardwareInfo) -> SkipReason | None:
     if hw.onnxruntime_version is None:
-        return Unavailable("not-installed", "onnxruntime is not installed (the `cpu` or `gpu` extra)")
+        return SkipReason("not-installed", "onnxruntime is not installed (the `cpu` or `gpu` extra)")
     return None
 
 
@@ -87,6 +91,8 @@ class OrtEngine(CompiledEngine):
         self.providers: ProviderList = providers or [(self.primary_provider, {})]
         self._session: Any = None
         self._run: Any = None
+        #: outputs that ORT returns as sequences/maps and that are served as tensors (ZipMap)
+        self._convert = converters(self.outputs)
 
     # -- registry hooks ---------------------------------------------------------------
     @classmethod
@@ -116,11 +122,18 @@ class OrtEngine(CompiledEngine):
             raise EngineBuildError(f"{cls.backend}: {_first_line(e)}") from e
         cls._check_session(session)
         del session
+        if not cls.saves_optimized_model and ctx.sources:  # later loads read the entry's copy, never the bundle
+            for rel, _ in ctx.sources:
+                dest = entry_dir / SOURCE_DIR / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(pathlib.Path(ctx.source_root) / rel, dest)
 
     @classmethod
     def from_entry(cls, ctx: BuildContext, entry_dir: pathlib.Path) -> OrtEngine:
         if cls.saves_optimized_model:
             path, optimized = entry_dir / OPTIMIZED_MODEL, True
+        elif ctx.sources:
+            path, optimized = entry_dir / SOURCE_DIR / ctx.model_file, False
         else:
             path, optimized = pathlib.Path(ctx.model_path), False
         return cls(path, ctx.inputs, ctx.outputs, ctx.options, optimized=optimized,
@@ -158,16 +171,16 @@ class OrtEngine(CompiledEngine):
 
     def infer_impl(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         try:
-            results = self._run(outputs, feeds, None)
+            results = dict(zip(outputs, self._run(outputs, feeds, None), strict=True))
+            return as_tensors(results, self._convert) if self._convert else results
         except Exception as e:
             raise InferenceError(f"{self.backend}: {_first_line(e)}") from e
-        return dict(zip(outputs, results, strict=True))
 
     def close_impl(self) -> None:
         self._session = self._run = None
 
     @classmethod
-    def unavailable(cls, ctx: BuildContext) -> Unavailable | None:
+    def unavailable(cls, ctx: BuildContext) -> SkipReason | None:
         return ort_unavailable(ctx.hardware)
 
 

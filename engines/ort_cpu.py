@@ -8,18 +8,18 @@ AVX2), which is why the cache key of this backend names the CPU.
 
 from __future__ import annotations
 
-from .backend import BuildContext, Unavailable
+from .backend import BuildContext, SkipReason
 from .ort_common import OrtEngine, ort_unavailable, session_options
 from .probe import HardwareInfo
 
 
 class OrtCpuEngine(OrtEngine):
     backend = "ort-cpu"
-    kind = "cpu"
+    engine_kind = "cpu"
     primary_provider = "CPUExecutionProvider"
 
     @classmethod
-    def unavailable(cls, ctx: BuildContext) -> Unavailable | None:
+    def unavailable(cls, ctx: BuildContext) -> SkipReason | None:
         return ort_unavailable(ctx.hardware)
 
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pathlib
 
-from .backend import BuildContext, Unavailable, gpu_unavailable
+from .backend import BuildContext, SkipReason, gpu_unavailable
 from .ort_common import OrtGpuEngine, ProviderList, cuda_provider_options
 from .probe import HardwareInfo
 
@@ -19,11 +19,11 @@ PROVIDER = "CUDAExecutionProvider"
 
 class OrtCudaEngine(OrtGpuEngine):
     backend = "ort-cuda"
-    kind = "cuda"
+    engine_kind = "cuda"
     primary_provider = PROVIDER
 
     @classmethod
-    def unavailable(cls, ctx: BuildContext) -> Unavailable | None:
+    def unavailable(cls, ctx: BuildContext) -> SkipReason | None:
         return gpu_unavailable(ctx, PROVIDER)
 
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from .backend import BuildContext, Unavailable, gpu_unavailable
+from .backend import BuildContext, SkipReason, gpu_unavailable
 from .ort_common import OrtGpuEngine, ProviderList, cuda_provider_options
 from .probe import HardwareInfo
 
@@ -51,15 +51,15 @@ def trt_provider_options(ctx: BuildContext, cache_dir: pathlib.Path) -> dict[str
 
 class OrtTensorrtEngine(OrtGpuEngine):
     backend = "ort-tensorrt"
-    kind = "tensorrt"
+    engine_kind = "tensorrt"
     primary_provider = PROVIDER
     saves_optimized_model = False
 
     @classmethod
-    def unavailable(cls, ctx: BuildContext) -> Unavailable | None:
+    def unavailable(cls, ctx: BuildContext) -> SkipReason | None:
         reason = gpu_unavailable(ctx, PROVIDER)
         if reason is None and ctx.hardware.tensorrt_version is None:
-            return Unavailable("not-installed", "TensorRT libraries are not installed (the `gpu` extra)")
+            return SkipReason("not-installed", "TensorRT libraries are not installed (the `gpu` extra)")
         return reason
 
     @classmethod

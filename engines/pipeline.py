@@ -25,7 +25,7 @@ from bundle import VerifiedBundle
 from .backend import BuildContext
 from .base import Engine, EngineOptions
 from .cache import CacheKey, EngineCache
-from .errors import BackendUnavailable, EngineError, EngineLoadError
+from .errors import BackendUnavailable, EngineError, EngineLoadError, ModelChanged
 from .isolate import run_isolated
 from .parity import generate_inputs
 from .probe import Probe, SystemProbe
@@ -55,6 +55,8 @@ class PlannedBackend:
     #: absence); None: not looked up (open_engine looks when it gets there, hashing each entry once)
     cached: bool | None
     cache_note: str | None = None
+    #: for a cached entry, its build's parity note when parity could not be checked
+    parity_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class BuildPlan:
             "cache": str(self.cache_root),
             "hardware": self.context.hardware.to_dict(),
             "try": [{"backend": s.backend, "cached": s.cached, "cache_note": s.cache_note,
-                     "cache_entry": s.key.name} for s in self.steps],
+                     "parity_note": s.parity_note, "cache_entry": s.key.name} for s in self.steps],
             "skipped": [asdict(f) for f in self.skipped],
         }
 
@@ -91,9 +93,21 @@ class EngineResult:
     #: the child build's report (parity errors, timings); None on a cache hit
     build: dict[str, Any] | None = None
     load_s: float = 0.0
+    #: the parity report of the build behind this engine (also on a cache hit): `checked` False with
+    #: a `note` when the model rejected every synthesized input
+    parity: dict[str, Any] | None = None
+
+    @property
+    def parity_note(self) -> str | None:
+        """None when parity was checked; else why not (what `engine inspect` and the agent show)."""
+        if self.parity is None or self.parity.get("checked", True):
+            return None
+        return str(self.parity.get("note"))
 
 
 def cache_key(ctx: BuildContext, backend: str, model_sha256: str) -> CacheKey:
+    """`model_sha256` is the verified digest of the model file; external data's digests come from
+    the context's sources."""
     cls = backend_class(backend)
     gpu = ctx.hardware.gpu if cls.uses_gpu else None
     opts = {k: getattr(ctx.options, k) for k in _BUILD_OPTIONS}
@@ -107,6 +121,7 @@ def cache_key(ctx: BuildContext, backend: str, model_sha256: str) -> CacheKey:
         gpu=gpu.name if gpu else None,
         compute_capability=gpu.compute_capability if gpu else None,
         runtimes=runtimes,
+        data_sha256=tuple(sorted(digest for _, digest in ctx.sources[1:])),
     )
 
 
@@ -142,7 +157,8 @@ def plan(bundle: VerifiedBundle, model: str | None = None, backend: str = AUTO,
     overrides = {n: (lo, opt, hi) for n, lo, opt, hi in options.dim_ranges}
     profile = profile_for(entry.inputs, manifest.serving.batching.max_batch_size, overrides)
     ctx = BuildContext(str(bundle.model_path(entry.name)), entry.inputs, entry.outputs, options,
-                       manifest.serving.precision, profile, hw, manifest.constraints.min_compute_capability)
+                       manifest.serving.precision, profile, hw, manifest.constraints.min_compute_capability,
+                       str(bundle.root), bundle.model_sources(entry.name))
     chosen, skipped = candidates(backend, tuple(manifest.serving.engines), ctx)
     cache = _as_cache(cache_dir)
     steps = []
@@ -150,7 +166,9 @@ def plan(bundle: VerifiedBundle, model: str | None = None, backend: str = AUTO,
         key = cache_key(ctx, name, entry.sha256)
         if check_cache:
             found = cache.lookup(key)
-            steps.append(PlannedBackend(name, key, found.hit, found.reason))
+            parity = ((_build_of(found.meta) or {}).get("parity") or {}) if found.hit else {}
+            note = None if parity.get("checked", True) else str(parity.get("note"))
+            steps.append(PlannedBackend(name, key, found.hit, found.reason, note))
         else:
             steps.append(PlannedBackend(name, key, None))
     return BuildPlan(entry.name, entry.sha256, manifest.serving.precision, profile, ctx, tuple(steps),
@@ -171,6 +189,8 @@ def open_engine(bundle: VerifiedBundle, model: str | None = None, backend: str =
     for step in the_plan.steps:
         try:
             return _realize(step, the_plan.context, cache, samples, fallbacks)
+        except ModelChanged:
+            raise  # the bytes are not the verified ones: no backend may build them
         except EngineError as e:
             log.warning("engine backend %s failed for %s: %s", step.backend, the_plan.model, e)
             reason = str(e).removeprefix(f"{step.backend}: ")
@@ -179,16 +199,27 @@ def open_engine(bundle: VerifiedBundle, model: str | None = None, backend: str =
     raise BackendUnavailable(f"no engine could be built for model {the_plan.model}: {reasons}", fallbacks)
 
 
-def _load(step: PlannedBackend, ctx: BuildContext, path: pathlib.Path) -> Engine:
+def _load(step: PlannedBackend, ctx: BuildContext, path: pathlib.Path, report: dict[str, Any] | None) -> Engine:
     engine = backend_class(step.backend).from_entry(ctx, path)
     engine.load()
     if ctx.options.warmup_iterations:
-        try:
-            engine.warmup(generate_inputs(ctx.inputs, ctx.profile), ctx.options.warmup_iterations)
+        parity = (report or {}).get("parity") or {}
+        if parity.get("checked", True) is False:
+            log.warning("%s engine for %s: warm-up skipped, %s", step.backend, ctx.model_file, parity.get("note"))
+            return engine
+        try:  # at the sizes the build's check ran with: synthesized defaults may be what the model rejects
+            feeds = generate_inputs(ctx.inputs, ctx.profile, dims=parity.get("dims") or None)
+            engine.warmup(feeds, ctx.options.warmup_iterations)
         except EngineError as e:
             engine.close()
             raise EngineLoadError(f"{step.backend}: warm-up failed: {e}") from e
     return engine
+
+
+def _note_unchecked(step: PlannedBackend, ctx: BuildContext, report: dict[str, Any] | None) -> None:
+    parity = (report or {}).get("parity") or {}
+    if parity.get("checked", True) is False:
+        log.warning("%s engine for %s accepted with parity %s", step.backend, ctx.model_file, parity.get("note"))
 
 
 def _realize(step: PlannedBackend, ctx: BuildContext, cache: EngineCache, samples: str | None,
@@ -197,19 +228,17 @@ def _realize(step: PlannedBackend, ctx: BuildContext, cache: EngineCache, sample
     found = cache.lookup(step.key)
     if found.path is not None:
         try:
-            engine = _load(step, ctx, found.path)
+            engine = _load(step, ctx, found.path, _build_of(found.meta))
         except EngineLoadError as e:  # verified yet unloadable: a runtime change the key missed
             log.warning("cached %s engine did not load (%s); rebuilding", step.backend, e)
         else:
-            cache.touch(found.path)
-            return EngineResult(engine, step.backend, fallbacks, True, None, time.perf_counter() - t0)
+            return _hit(step, ctx, cache, found.path, found.meta, engine, fallbacks, t0)
     with cache.building(step.key, timeout_s=ctx.options.build_timeout_s * 2):
         found = cache.lookup(step.key)  # another process may have built it while we waited
         if found.path is not None:
             try:
-                engine = _load(step, ctx, found.path)
-                cache.touch(found.path)
-                return EngineResult(engine, step.backend, fallbacks, True, None, time.perf_counter() - t0)
+                engine = _load(step, ctx, found.path, _build_of(found.meta))
+                return _hit(step, ctx, cache, found.path, found.meta, engine, fallbacks, t0)
             except EngineLoadError:
                 pass
         if found.reason:
@@ -221,9 +250,25 @@ def _realize(step: PlannedBackend, ctx: BuildContext, cache: EngineCache, sample
             report = run_isolated("engines.child:build_and_check", payload, ctx.options.build_timeout_s)
             if found.reason:
                 report["replaced_entry"] = found.reason
-            path = cache.commit(staging, step.key, report)
+            path = cache.commit(staging, step.key, report, built_from=report.get("built_from") or {})
     removed = cache.evict(keep=step.key)
     if removed:
         log.info("engine cache over its size bound: evicted %s", ", ".join(removed))
-    engine = _load(step, ctx, path)
-    return EngineResult(engine, step.backend, fallbacks, False, report, time.perf_counter() - t0)
+    _note_unchecked(step, ctx, report)
+    engine = _load(step, ctx, path, report)
+    return EngineResult(engine, step.backend, fallbacks, False, report, time.perf_counter() - t0, report["parity"])
+
+
+def _build_of(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    build = (meta or {}).get("build")
+    return build if isinstance(build, dict) else None
+
+
+def _hit(step: PlannedBackend, ctx: BuildContext, cache: EngineCache, path: pathlib.Path,
+         meta: dict[str, Any] | None, engine: Engine, fallbacks: list[Fallback], t0: float) -> EngineResult:
+    cache.touch(path)
+    report = _build_of(meta)
+    _note_unchecked(step, ctx, report)
+    parity = (report or {}).get("parity")
+    return EngineResult(engine, step.backend, fallbacks, True, None, time.perf_counter() - t0,
+                        parity if isinstance(parity, dict) else None)

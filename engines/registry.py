@@ -23,8 +23,8 @@ BACKENDS: dict[str, str] = {
     "ort-cuda": "engines.ort_cuda:OrtCudaEngine",
     "ort-cpu": "engines.ort_cpu:OrtCpuEngine",
 }
-#: manifest `serving.engines` kind -> backends, best first
-KINDS: dict[str, tuple[str, ...]] = {
+#: manifest `serving.engines` entry -> backends, best first (each backend's `engine_kind`)
+ENGINE_KINDS: dict[str, tuple[str, ...]] = {
     "tensorrt": ("tensorrt", "ort-tensorrt"),
     "cuda": ("ort-cuda",),
     "cpu": ("ort-cpu",),
@@ -64,8 +64,8 @@ def candidates(requested: str, preference: tuple[str, ...], ctx: BuildContext) -
             raise BackendUnavailable(f"backend {requested} cannot run here: {why.reason}")
         return [requested], []
     order: list[str] = []
-    for kind in preference:
-        order.extend(b for b in KINDS.get(kind, ()) if b not in order)
+    for engine_kind in preference:
+        order.extend(b for b in ENGINE_KINDS.get(engine_kind, ()) if b not in order)
     chosen: list[str] = []
     skipped: list[Fallback] = []
     for name in order:

@@ -23,7 +23,7 @@ import numpy as np
 
 from bundle import TensorSpec
 
-from .backend import BuildContext, CompiledEngine, Unavailable, gpu_unavailable
+from .backend import BuildContext, CompiledEngine, SkipReason, gpu_unavailable
 from .base import EngineOptions
 from .errors import EngineBuildError, EngineLoadError, InferenceError
 from .probe import HardwareInfo
@@ -59,7 +59,7 @@ def parse_onnx(trt: Any, model_path: str) -> tuple[Any, Any, Any]:
 
 class TensorrtEngine(CompiledEngine):
     backend = "tensorrt"
-    kind = "tensorrt"
+    engine_kind = "tensorrt"
     uses_gpu = True
 
     def __init__(self, plan_path: str | pathlib.Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
@@ -71,14 +71,14 @@ class TensorrtEngine(CompiledEngine):
         self._lock = threading.Lock()
 
     @classmethod
-    def unavailable(cls, ctx: BuildContext) -> Unavailable | None:
+    def unavailable(cls, ctx: BuildContext) -> SkipReason | None:
         reason = gpu_unavailable(ctx)
         if reason is not None:
             return reason
         if ctx.hardware.tensorrt_version is None:
-            return Unavailable("not-installed", "TensorRT is not installed (the `gpu` extra)")
+            return SkipReason("not-installed", "TensorRT is not installed (the `gpu` extra)")
         if not ctx.hardware.polygraphy_available:
-            return Unavailable("not-installed", "polygraphy is not installed (the `gpu` extra)")
+            return SkipReason("not-installed", "polygraphy is not installed (the `gpu` extra)")
         return None
 
     @classmethod

@@ -26,7 +26,7 @@ KEY = CacheKey(model_sha256="a" * 64, backend="ort-cpu", precision="fp32", profi
 def _commit(cache: EngineCache, key: CacheKey, payload: bytes = b"engine bytes", size: int = 0) -> pathlib.Path:
     with cache.lock(key), cache.staging(key) as staging:
         (staging / "model.onnx").write_bytes(payload + b"\0" * size)
-        return cache.commit(staging, key, {"note": "test"})
+        return cache.commit(staging, key, {"note": "test"}, built_from={"m.onnx": key.model_sha256})
 
 
 @pytest.mark.parametrize("change", [

@@ -96,3 +96,27 @@ def test_bench_reports_engine_and_bare_ort_side_by_side(capsys: pytest.CaptureFi
     assert all(r["p50_ms"] > 0 and r["baseline_p50_ms"] > 0 and r["ratio"] > 0 for r in rows)
     code, out, _ = _run(capsys, "engine", "bench", str(path), "--cache", str(cache_dir), "--batch", "0")
     assert code == 2
+
+
+def test_a_model_that_rejects_synthesized_inputs_builds_and_says_parity_was_not_checked(
+        capsys: pytest.CaptureFixture[str], keypair: tuple[pathlib.Path, pathlib.Path], cache_dir: pathlib.Path,
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    import bundle
+    from tests.models.quirks import STFT_LONG_PAD, write_quirks
+
+    model = write_quirks(tmp_path / "q")["stft_long"]
+    path = tmp_path / "b"
+    bundle.build([model], path, bundle.BuildOptions(name="audio", version="1.0.0"))
+    bundle.sign_directory(path, keypair[0])
+    common = (str(path), "--trust", str(keypair[1]), "--cache", str(cache_dir), "--backend", "ort-cpu")
+    with caplog.at_level("WARNING", logger="engines.pipeline"):
+        code, out, _ = _run(capsys, "engine", "build", *common)
+    assert code == 0, out
+    assert "ort-cpu engine, built, parity NOT checked" in out
+    assert "not checked: the model rejected synthesized inputs (" in out and f"pre-pad ({STFT_LONG_PAD})" in out
+    assert "add sample inputs with `--samples`" in out
+    assert any("not checked: the model rejected synthesized inputs" in r.getMessage() for r in caplog.records)
+    code, out, _ = _run(capsys, "engine", "inspect", *common)
+    assert code == 0 and "ort-cpu: cached" in out and "parity not checked: the model rejected synthesized" in out
+    code, out, _ = _run(capsys, "engine", "inspect", *common, "--json")
+    assert "not checked" in json.loads(out)["try"][0]["parity_note"]

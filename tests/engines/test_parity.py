@@ -7,7 +7,7 @@ import pytest
 
 from bundle import TensorSpec
 from engines import ParityError
-from engines.parity import compare, generate_inputs, sample_inputs
+from engines.parity import candidate_inputs, compare, generate_inputs
 from engines.shapes import profile_for
 
 
@@ -53,8 +53,23 @@ def test_samples_are_used_only_when_they_cover_every_input(tmp_path) -> None:  #
     specs = (TensorSpec("a", "float32", ("batch", 2)), TensorSpec("b", "float32", ("batch", 2)))
     partial = tmp_path / "partial.npz"
     np.savez(partial, a=np.ones((1, 2), np.float32))
-    assert sample_inputs(specs, profile_for(specs, 8), partial)[1] == "generated"
+    assert next(candidate_inputs(specs, profile_for(specs, 8), partial)).source == "generated"
     full = tmp_path / "full.npz"
     np.savez(full, a=np.ones((1, 2), np.float32), b=np.zeros((1, 2), np.float32))
-    feeds, source = sample_inputs(specs, profile_for(specs, 8), full)
-    assert source == "samples" and feeds["a"].shape == (1, 2)
+    first = next(candidate_inputs(specs, profile_for(specs, 8), full))
+    assert first.source == "samples" and first.feeds["a"].shape == (1, 2)
+
+
+def test_synthesized_candidates_take_dims_named_in_samples_then_grow_within_bounds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    specs = (TensorSpec("audio", "float32", ("batch", "samples")), TensorSpec("gain", "float32", ("batch", "bands")))
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, audio=np.ones((1, 480), np.float32))
+    cands = list(candidate_inputs(specs, profile_for(specs, 8), partial))
+    assert all(c.dims["samples"] == 480 for c in cands)  # named by the sample: never guessed
+    assert [c.dims["bands"] for c in cands] == [32, 224, 1024]  # clamped to the default range's max
+    assert all(c.dims["batch"] == 1 for c in cands)  # the sample's batch too
+    assert all(np.array_equal(c.feeds["audio"], np.ones((1, 480), np.float32)) for c in cands)
+    big = (TensorSpec("img", "float32", ("batch", 3, "h", "w")),)
+    sizes = [c.dims["h"] for c in candidate_inputs(big, profile_for(big, 8, {"h": (1, 64, 20000),
+                                                                             "w": (1, 64, 20000)}), None)]
+    assert sizes == [32, 224, 1024]  # 16000x16000 images are over MAX_SYNTH_ELEMENTS: not tried

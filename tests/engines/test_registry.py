@@ -109,3 +109,11 @@ def test_shape_profile_from_dynamic_dims_and_batch_limit(
 
 def test_every_backend_is_in_the_table() -> None:
     assert set(BACKENDS) == {"tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu"}
+
+
+def test_each_backend_serves_the_manifest_engine_kind_the_walk_expands_it_from() -> None:
+    from engines.registry import ENGINE_KINDS, backend_class
+
+    for engine_kind, backends in ENGINE_KINDS.items():
+        for name in backends:
+            assert backend_class(name).engine_kind == engine_kind
