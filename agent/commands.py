@@ -27,6 +27,7 @@ import click
 
 import bundle
 from engines import EngineOptions
+from runtime.sdnotify import Notifier
 
 from .config import ModelConfig, ServerConfig
 from .dataplane import DataPlane
@@ -69,6 +70,7 @@ async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelCon
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
     async with contextlib.AsyncExitStack() as stack:
         for transport in transports:
             await stack.enter_async_context(transport(dataplane))
@@ -76,12 +78,21 @@ async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelCon
                           for sm in dataplane.models())
         took = f" in {time.monotonic() - started_at:.2f} s" if started_at is not None else ""
         click.echo(f"outpost serve: ready on {server.url}{took}; models: {names}", err=True)
+        notifier.ready(f"serving {len(dataplane.models())} model(s) on {server.url}: {names}")
+        await stack.enter_async_context(notifier.watchdog([_live_check(dataplane)]))
         await stop.wait()
         click.echo("outpost serve: stopping (draining in-flight requests)", err=True)
         dataplane.begin_drain()
+        notifier.stopping(f"draining {dataplane.in_flight} in-flight request(s)")
     drained = await server.stop()
+    notifier.close()
     click.echo(f"outpost serve: stopped{'' if drained else ' (some requests were cut off)'}", err=True)
     return drained
+
+
+def _live_check(dataplane: DataPlane) -> Callable[[], str | None]:
+    """The watchdog's self-check for a data plane: it must still be live."""
+    return lambda: None if dataplane.server_live() else "data plane is no longer live"
 
 
 @click.command("serve")
