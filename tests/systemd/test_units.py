@@ -189,8 +189,8 @@ def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def test_serve_and_fleet_run_with_write_execute_denied(make_bundle: MakeBundle, keypair: tuple[pathlib.Path, pathlib.Path],
-                                                       tmp_path: pathlib.Path) -> None:
+def test_serve_and_fleet_run_with_write_execute_denied(make_bundle: MakeBundle, tmp_path: pathlib.Path,
+                                                       keypair: tuple[pathlib.Path, pathlib.Path]) -> None:
     """The units keep MemoryDenyWriteExecute=yes on CPU: ONNX Runtime, uvloop, aiohttp, SQLAlchemy must cope."""
     if not _mdwe_enforced():
         pytest.fail("this kernel has no PR_SET_MDWE (Linux >= 6.3 needed to check MemoryDenyWriteExecute)")
