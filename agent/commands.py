@@ -35,6 +35,8 @@ from .http_server import HttpServer
 from .mqtt.commands import mqtt_options
 
 T = TypeVar("T")
+#: Start-up time systemd grants per bundle load on top of TimeoutStartSec (EXTEND_TIMEOUT_USEC).
+LOAD_ALLOWANCE_S = 600.0
 Transport = Callable[[DataPlane], AbstractAsyncContextManager[Any]]
 
 
@@ -57,7 +59,10 @@ async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelCon
                 stop: asyncio.Event | None = None) -> bool:
     """Load, serve until SIGTERM/SIGINT (or `stop`), drain. Returns True if every in-flight request finished."""
     dataplane = DataPlane()
+    notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
     for vb in bundles:
+        # An engine build (TensorRT) can outlast TimeoutStartSec: each model gets its own allowance.
+        notifier.extend_timeout(LOAD_ALLOWANCE_S, f"loading {vb.manifest.ref}")
         await asyncio.to_thread(dataplane.load_bundle, vb, model_config)
     # Start-up leaves a large heap of long-lived objects (model-signing, schema, runtime bindings):
     # freeze them so the collector's full passes under load skip what will never be garbage.
@@ -70,7 +75,6 @@ async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelCon
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
     async with contextlib.AsyncExitStack() as stack:
         for transport in transports:
             await stack.enter_async_context(transport(dataplane))

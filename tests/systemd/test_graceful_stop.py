@@ -76,6 +76,9 @@ def test_sigterm_with_50_requests_in_flight(make_bundle: MakeBundle, keypair: tu
     try:
         (ready,) = notify_socket.wait_for("READY", "1", timeout_s=120)
         assert ready.fields["STATUS"].startswith(f"serving 1 model(s) on {base}: slow@1.0.0")
+        (extend,) = notify_socket.with_key("EXTEND_TIMEOUT_USEC")  # start-up time for the engine build
+        assert extend.fields == {"EXTEND_TIMEOUT_USEC": "600000000", "STATUS": "loading slow@1.0.0"}
+        assert extend.at <= ready.at
         assert _status(f"{base}/v2/health/ready") == 200
         notify_socket.wait_for("WATCHDOG", "1", count=3, timeout_s=10)  # every 0.5 s
 

@@ -87,14 +87,14 @@ async def test_watchdog_pings_at_half_the_interval_and_stops_while_the_loop_is_b
         assert dog is not None and dog.interval_s == pytest.approx(0.1)
         await asyncio.sleep(0.55)
         before = len(notify_socket.with_key("WATCHDOG"))
-        assert 4 <= before <= 7  # every 0.1 s
+        assert 3 <= before <= 7  # every 0.1 s
         t_block = time.monotonic()
         time.sleep(1.0)  # the event loop is wedged: nothing on it runs
         t_free = time.monotonic()
         await asyncio.sleep(0.5)
     pings = [m.at for m in notify_socket.with_key("WATCHDOG")]
-    # Allow 50 ms for a datagram sent just before the block to be read by the receiving thread.
-    during = [t for t in pings if t_block + 0.05 < t < t_free]
+    # Allow 100 ms for a datagram sent just before the block to be read by the receiving thread.
+    during = [t for t in pings if t_block + 0.1 < t < t_free]
     assert during == []
     assert dog.state.withheld >= 1  # the first wake-up after the block saw the lag and withheld its ping
     statuses = [m.fields["STATUS"] for m in notify_socket.with_key("STATUS")]
@@ -121,21 +121,22 @@ async def test_a_failing_self_check_withholds_pings_and_says_why(notify_socket: 
         for _ in range(5):
             sync.beat()
             await asyncio.sleep(0.05)
-        healthy = len(notify_socket.with_key("WATCHDOG"))
-        assert healthy >= 3
+        assert dog.state.pings >= 3
         runners_alive.clear()
-        t_sick = time.monotonic()
+        pinged = dog.state.pings
         await asyncio.sleep(0.25)
-        sick_pings = [m for m in notify_socket.with_key("WATCHDOG") if m.at > t_sick + 0.06]
-        assert sick_pings == []
+        assert dog.state.pings == pinged and dog.state.withheld >= 3  # sick: nothing sent
         runners_alive.set()
         sync.beat()
         await asyncio.sleep(0.2)
-        assert [m for m in notify_socket.with_key("WATCHDOG") if m.at > t_sick + 0.3]  # recovered
+        assert dog.state.pings > pinged  # recovered
         await asyncio.sleep(0.4)  # the sync coordinator stops beating: wedged
         dog.add_check(boom)
         sync.beat()
         await asyncio.sleep(0.2)
+    # What was sent is what the socket received, in order.
+    notify_socket.wait_for("WATCHDOG", "1", count=dog.state.pings, timeout_s=5)
+    assert len(notify_socket.with_key("WATCHDOG")) == dog.state.pings
     statuses = [m.fields["STATUS"] for m in notify_socket.with_key("STATUS")]
     assert "unhealthy: runner mlp@1 died" in statuses
     assert "serving 1 model" in statuses[1:]  # restored after recovering
