@@ -124,7 +124,11 @@ else
 fi
 if [ "$runtime" = gpu ]; then
   # Jetson device nodes are group video; the GPU drop-in adds the group to the service too.
-  run_host usermod --append --groups video outpost
+  if [ -n "$root" ] || getent group video >/dev/null 2>&1; then
+    run_host usermod --append --groups video outpost
+  else
+    echo "    no group video on this host (x86 NVIDIA nodes are world-accessible): nothing to add"
+  fi
 fi
 
 # ---------------------------------------------------------------------------------- 2. venv
@@ -209,7 +213,7 @@ elif [ -f "$enrolled" ] && [ "$(cat "$enrolled")" = "$fleet_url" ]; then
 else
   run_host install -d -o outpost -g outpost -m 0700 /var/lib/outpost
   # As the service's user, in its state directory: the credential it writes (0600) is the agent's.
-  run_host runuser -u outpost -- env HOME=/var/lib/outpost /opt/outpost/.venv/bin/outpost agent enroll \
+  run_host runuser -u outpost -- env -C /var/lib/outpost HOME=/var/lib/outpost /opt/outpost/.venv/bin/outpost agent enroll \
     --fleet "$fleet_url" --token "$token"
   if [ -z "$root" ] && [ "$dry_run" = 0 ]; then echo "$fleet_url" > "$enrolled"; fi
 fi
