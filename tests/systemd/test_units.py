@@ -91,6 +91,7 @@ def test_every_unit_is_notify_with_watchdog_directories_and_no_capabilities(unit
     assert s["CapabilityBoundingSet"] == "" and s["AmbientCapabilities"] == ""
     assert "CacheDirectory" in s and "ConfigurationDirectory" in s
     assert s.get("DynamicUser") == "yes" or s["User"] not in ("root", "0")
+    assert "PYTHONFAULTHANDLER=1" in " ".join(_all(UNITS / unit, "Environment"))  # stacks on a watchdog abort
     # Restarts within the start limit outnumber the agent's own crash-loop revert threshold (3 by default).
     assert int(_service(UNITS / unit)["Unit"]["StartLimitBurst"]) >= 5
     # Every relaxed setting says why, on the comment lines right above it.
