@@ -84,7 +84,9 @@ class Notifier:
             lines.append(f"{key}={text}")
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: this runs on the event loop, and a dropped ping beats a stalled loop.
+                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                self._sock = socket.socket(socket.AF_UNIX, kind)
                 self._sock.connect(self._address)
             self._sock.sendall("\n".join(lines).encode())
         except OSError as e:
