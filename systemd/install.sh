@@ -186,8 +186,7 @@ done
 # ---------------------------------------------------------------------------------- 4. config
 
 step "4. configuration in $etc"
-run install -d -m 0750 "$etc" "$etc/trusted"
-run_host chgrp outpost "$etc" "$etc/trusted"
+run install -d -m 0755 "$etc" "$etc/trusted"
 if [ -e "$etc/agent.toml" ]; then
   echo "    kept existing $etc/agent.toml"
 else

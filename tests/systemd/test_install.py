@@ -91,7 +91,7 @@ def test_real_install_into_a_root_is_complete_verified_and_idempotent(tmp_path: 
     config = root / "etc/outpost/agent.toml"
     assert stat.S_IMODE(config.stat().st_mode) == 0o640
     assert 'url = "https://fleet.example.com:8780"' in config.read_text()
-    assert stat.S_IMODE((root / "etc/outpost").stat().st_mode) == 0o750
+    assert stat.S_IMODE((root / "etc/outpost").stat().st_mode) == 0o755
     assert "useradd --system" in out and "(not run under --root)" in out
     assert "skipped (no --fleet/--token)" in out
 
