@@ -21,8 +21,9 @@
 #   --python PY            interpreter for the venv (default: python3)
 #   --no-start             enable the service but do not start it now
 #   --root DIR             install under DIR (a fake /opt and /etc/systemd/system: tests and
-#                          image builds); user creation, enrollment, daemon-reload and start are
-#                          printed, not run; `systemctl --root=DIR enable` runs (offline)
+#                          image builds); user creation, chgrp of agent.toml, enrollment,
+#                          daemon-reload and start are printed, not run (run them on the
+#                          device); `systemctl --root=DIR enable` runs (offline)
 #   --dry-run              print every step, change nothing
 set -euo pipefail
 
