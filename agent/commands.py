@@ -30,6 +30,7 @@ import click
 
 import bundle
 from engines import EngineOptions
+from runtime.sdnotify import Notifier
 
 from .config import ModelConfig, ServerConfig
 from .dataplane import DataPlane
@@ -38,6 +39,8 @@ from .mqtt.commands import mqtt_options
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Start-up time systemd grants per bundle load on top of TimeoutStartSec (EXTEND_TIMEOUT_USEC).
+LOAD_ALLOWANCE_S = 600.0
 Transport = Callable[[DataPlane], AbstractAsyncContextManager[Any]]
 
 
@@ -60,7 +63,10 @@ async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelCon
                 stop: asyncio.Event | None = None) -> bool:
     """Load, serve until SIGTERM/SIGINT (or `stop`), drain. Returns True if every in-flight request finished."""
     dataplane = DataPlane()
+    notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
     for vb in bundles:  # one bundle that does not load must not take the others down
+        # An engine build (TensorRT) can outlast TimeoutStartSec: each model gets its own allowance.
+        notifier.extend_timeout(LOAD_ALLOWANCE_S, f"loading {vb.manifest.ref}")
         try:
             await asyncio.to_thread(dataplane.load_bundle, vb, model_config)
         except Exception as e:
@@ -90,12 +96,21 @@ async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelCon
                           for sm in dataplane.models())
         took = f" in {time.monotonic() - started_at:.2f} s" if started_at is not None else ""
         click.echo(f"outpost serve: ready on {server.url}{took}; models: {names}", err=True)
+        notifier.ready(f"serving {len(dataplane.models())} model(s) on {server.url}: {names}")
+        await stack.enter_async_context(notifier.watchdog([_live_check(dataplane)]))
         await stop.wait()
         click.echo("outpost serve: stopping (draining in-flight requests)", err=True)
         dataplane.begin_drain()
+        notifier.stopping(f"draining {dataplane.in_flight} in-flight request(s)")
     drained = await server.stop()
+    notifier.close()
     click.echo(f"outpost serve: stopped{'' if drained else ' (some requests were cut off)'}", err=True)
     return drained
+
+
+def _live_check(dataplane: DataPlane) -> Callable[[], str | None]:
+    """The watchdog's self-check for a data plane: it must still be live."""
+    return lambda: None if dataplane.server_live() else "data plane is no longer live"
 
 
 @click.command("serve")

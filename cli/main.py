@@ -57,8 +57,9 @@ def cli(verbose: int) -> None:
       outpost bundle sign demo/ --key keys/signing.key
       outpost bundle verify demo/ --trust keys/signing.pub
     """
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from runtime.journal import configure_logging  # native journal under systemd, secrets redacted
+
+    configure_logging(max(logging.WARNING - 10 * verbose, logging.DEBUG))
 
 
 def _domain_errors() -> tuple[type[BaseException], ...]:
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(EXIT_FAILED)
     except Exception as e:
         if isinstance(e, _domain_errors()):
-            click.echo(f"error: {e}", err=True)
+            from runtime.journal import REDACTOR  # a message may quote a URL with its password
+
+            click.echo(f"error: {REDACTOR(str(e))}", err=True)
             sys.exit(EXIT_FAILED)
         raise
 

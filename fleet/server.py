@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from runtime.sdnotify import Notifier
+
 from .api import FLEET, build_app
 from .config import ServerConfig
 from .service import Fleet
@@ -83,8 +85,13 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
+    notifier.ready(f"serving on {running.url}")
     try:
-        await stop.wait()
+        async with notifier.watchdog():
+            await stop.wait()
     finally:
+        notifier.stopping("closing connections and the database")
         await running.stop()
+        notifier.close()
         print("fleet: stopped", file=sys.stderr, flush=True)

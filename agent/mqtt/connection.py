@@ -152,6 +152,14 @@ class MqttConnection:
         # through our callbacks can leave that to the garbage collector: release it now.
         self.client.reinitialise()
 
+    def unsubscribe(self) -> None:
+        """Draining: the broker delivers no more requests (nor after a reconnect); replies still go out."""
+        topics, self._subscriptions = list(self._subscriptions), ()
+        self.subscribed_event.clear()
+        if topics and self.connected_event.is_set():
+            with contextlib.suppress(ValueError, RuntimeError):
+                self.client.unsubscribe(topics)
+
     # ------------------------------------------------------------------ publishing
 
     def publish(self, msg: Outgoing) -> None:

@@ -108,7 +108,8 @@ class MqttFrontEnd:
             self._telemetry = asyncio.create_task(self._telemetry_forever(), name="mqtt-telemetry")
 
     async def stop(self, drain_timeout_s: float = 5.0) -> None:
-        """Answer what is in flight (bounded), publish `offline`, disconnect."""
+        """Unsubscribe (no new requests), answer what is in flight (bounded), publish `offline`, disconnect."""
+        self.connection.unsubscribe()
         if self._telemetry is not None:
             self._telemetry.cancel()
         if self._tasks:
