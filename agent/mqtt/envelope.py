@@ -23,8 +23,9 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.decoding import decode_request
 from agent.errors import AgentError, InvalidRequest
-from agent.protocol import EncodedResponse, InferRequest, decode_request, dumps, parse_json
+from agent.protocol import EncodedResponse, InferRequest, dumps, parse_json
 
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"
 STATUS_PROPERTY = "status"
@@ -92,9 +93,10 @@ def split_payload(payload: bytes, props: Mapping[str, str]) -> tuple[bytes, int 
     return payload[:nul] + payload[nul + 1:], nul
 
 
-def decode(payload: bytes, props: Mapping[str, str]) -> InferRequest:
+async def decode(payload: bytes, props: Mapping[str, str]) -> InferRequest:
+    """Decoded as HTTP bodies are: big JSON off the event loop (`agent.decoding`)."""
     body, header_length = split_payload(payload, props)
-    return decode_request(body, header_length)
+    return await decode_request(body, header_length)
 
 
 def salvage_addressing(payload: bytes, props: Mapping[str, str]) -> Addressing | None:
