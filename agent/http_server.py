@@ -123,11 +123,18 @@ async def infer(request: web.Request) -> web.Response:
             del req
             encoded = protocol.encode_response(response)
     except AgentError as e:
-        return error_response(e)
+        reply = error_response(e)
+        if isinstance(e, _UnreadableBody):
+            reply.force_close()  # aiohttp would fail again draining the rest of it
+        return reply
     if encoded.header_length is None:
         return web.Response(body=encoded.header, content_type="application/json")
     return web.Response(body=encoded.body(), content_type="application/octet-stream",
                         headers={HEADER_LENGTH: str(encoded.header_length)})
+
+
+class _UnreadableBody(InvalidRequest):
+    """The body stream itself failed (bad compression): the connection cannot be reused."""
 
 
 def _check_content_type(request: web.Request) -> None:
@@ -180,7 +187,7 @@ async def _read_body(request: web.Request, config: ServerConfig, held: Reservati
         raise InvalidRequest(f"request body did not arrive within {config.body_timeout_s:g} s") from None
     except web.RequestPayloadError as e:  # a body that is not what its Content-Encoding says
         encoding = request.headers.get("Content-Encoding", "")
-        raise InvalidRequest(f"the body could not be read as Content-Encoding {encoding!r}: "
+        raise _UnreadableBody(f"the body could not be read as Content-Encoding {encoding!r}: "
                              f"{e.__cause__ or e}") from None
     del body[size:]
     return body

@@ -355,10 +355,15 @@ def _strict_from_json(name: str, data: list[Any], dtype: np.dtype[Any], shape: t
     if want == "f":
         # numpy reads [1.5, true] as floats: every element is checked to be a number or a token
         return _floats_with_tokens(name, np.array(data, dtype=object)).astype(dtype).reshape(shape)
-    if kind not in "iu" or any(type(x) is bool for x in np.array(data, dtype=object).ravel().tolist()):
-        raise ValidationError(name, f"expected integers for {_v2(dtype)}, got {_kind_name(kind)}")
-    _check_range(name, array, dtype)
-    return array.astype(dtype).reshape(shape)
+    values = np.array(data, dtype=object).ravel().tolist()
+    bad = next((i for i, x in enumerate(values) if type(x) is not int), None)  # bool is not int here, nor 1.0
+    if bad is not None:
+        raise ValidationError(name, f"expected integers for {_v2(dtype)}, got {_kind_name(kind)} "
+                                    f"(element {bad} is {str(values[bad])[:20]!r})")
+    info = np.iinfo(dtype)
+    if min(values) < info.min or max(values) > info.max:
+        raise ValidationError(name, f"value out of range for {_v2(dtype)}")
+    return np.array(values, dtype=dtype).reshape(shape)
 
 
 def _floats_with_tokens(name: str, array: np.ndarray) -> np.ndarray:

@@ -163,3 +163,54 @@ def test_float_data_accepts_ints_nested_rows_and_nonfinite_tokens() -> None:
         body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": data}]})
         arr = decode_request(body).inputs[0].data
         assert arr.dtype == np.float32 and arr.shape == (1, 4)
+
+
+@pytest.mark.parametrize(("datatype", "data", "needle"), [
+    ("FP32", [1.5, True, 2.0, 3.0], "element 1 is 'True', not a number"),
+    ("FP32", [1.5, None, 2.0, 3.0], "element 1 is 'None', not a number"),
+    ("FP64", [[1.5, 2.5], [3.5, False]], "element 3 is 'False', not a number"),
+    ("INT64", [1, True, 2, 3], "expected integers"),
+    ("INT64", [1, 2.5, 2, 3], "expected integers"),
+    ("INT64", [1, 2, 3, 2**63], "out of range"),
+    ("UINT8", [1, 2, 3, 256], "out of range"),
+    ("UINT64", [1, 2, 3, -1], "out of range"),
+    ("INT8", [[1, 2], [3, 200]], "out of range"),
+    ("BOOL", [True, False, 1, True], "true/false"),
+], ids=["fp-bool", "fp-null", "fp-nested-bool", "int-bool", "int-float", "int64-over", "uint8-over", "uint64-neg",
+        "int8-nested-over", "bool-int"])
+def test_json_types_are_strict_on_every_path(datatype: str, data: list[object], needle: str) -> None:
+    """A mixed list must never take a fast path that converts what it should refuse ([1.5, true] did)."""
+    body = orjson.dumps({"inputs": [{"name": "x", "shape": [2, 2], "datatype": datatype, "data": data}]})
+    with pytest.raises(ValidationError, match=needle):
+        decode_request(body)
+
+
+def test_json_numbers_decode_exactly_in_every_layout() -> None:
+    cases: list[tuple[str, object, np.ndarray]] = [
+        ("FP32", [[0.1, -2.5], [3e38, 7]], np.array([[0.1, -2.5], [3e38, 7]], np.float32)),
+        ("FP64", [0.1, 1e-300, -0.0, 2**60], np.array([0.1, 1e-300, -0.0, 2**60], np.float64)),
+        ("INT64", [[-2**63, 2**63 - 1], [0, 5]], np.array([[-2**63, 2**63 - 1], [0, 5]], np.int64)),
+        ("UINT64", [0, 2**64 - 1, 1, 2], np.array([0, 2**64 - 1, 1, 2], np.uint64)),
+        ("INT8", [-128, 127, 0, 1], np.array([-128, 127, 0, 1], np.int8)),
+        ("FP16", [0.5, 1, 2, 65504], np.array([0.5, 1, 2, 65504], np.float16)),
+    ]
+    for datatype, data, want in cases:
+        body = orjson.dumps({"inputs": [{"name": "x", "shape": [2, 2], "datatype": datatype, "data": data}]})
+        got = decode_request(body).inputs[0].data
+        assert got.dtype == want.dtype and got.shape == (2, 2), datatype
+        np.testing.assert_array_equal(got, want.reshape(2, 2))
+
+
+def test_empty_shapes_that_numpy_cannot_hold_are_refused() -> None:
+    for shape in ([0, 2**62, 2**62], [2**62, 0, 2**62, 2**62]):
+        body = orjson.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]})
+        with pytest.raises(ValidationError, match="'x': shape .* is too big"):
+            decode_request(body)
+    ok = decode_request(orjson.dumps({"inputs": [{"name": "x", "shape": [0, 3], "datatype": "INT32", "data": []}]}))
+    assert ok.inputs[0].data.shape == (0, 3) and ok.inputs[0].data.dtype == np.int32
+
+
+def test_non_finite_outputs_are_written_from_numpy_in_place() -> None:
+    out = np.array([[1.5, np.nan], [-np.inf, 2.25]], dtype=np.float16)
+    doc = json.loads(encode_response(InferResponse("m", "1", (OutputTensor("y", out),))).header)
+    assert doc["outputs"][0]["data"] == [1.5, "NaN", "-Infinity", 2.25]
