@@ -204,7 +204,7 @@ def test_json_numbers_decode_exactly_in_every_layout() -> None:
 def test_empty_shapes_that_numpy_cannot_hold_are_refused() -> None:
     for shape in ([0, 2**62, 2**62], [2**62, 0, 2**62, 2**62]):
         body = orjson.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]})
-        with pytest.raises(ValidationError, match="'x': shape .* is too big"):
+        with pytest.raises(ValidationError, match=r"'x': shape .* is too big"):
             decode_request(body)
     ok = decode_request(orjson.dumps({"inputs": [{"name": "x", "shape": [0, 3], "datatype": "INT32", "data": []}]}))
     assert ok.inputs[0].data.shape == (0, 3) and ok.inputs[0].data.dtype == np.int32
