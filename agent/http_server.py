@@ -168,28 +168,24 @@ async def _read_body(request: web.Request, config: ServerConfig, held: Reservati
         if length > limit:
             raise PayloadTooLarge(length, limit)
         held.ensure(length)
-    body = bytearray(length or 0)
+    body = bytearray()  # grown chunk by chunk (realloc moves pages, no copy): never a 60 MB memset on the loop
 
-    async def receive() -> int:
-        pos = 0
+    async def receive() -> None:
         while chunk := await request.content.readany():
-            end = pos + len(chunk)
+            end = len(body) + len(chunk)
             if end > limit:  # a chunked or compressed body past the limit
                 raise PayloadTooLarge(None, limit)
             held.ensure(end)
-            body[pos:end] = chunk  # in place within Content-Length; grows past it (gzip)
-            pos = end
-        return pos
+            body.extend(chunk)
 
     try:
-        size = await asyncio.wait_for(receive(), config.body_timeout_s)
+        await asyncio.wait_for(receive(), config.body_timeout_s)
     except TimeoutError:
         raise InvalidRequest(f"request body did not arrive within {config.body_timeout_s:g} s") from None
     except web.RequestPayloadError as e:  # a body that is not what its Content-Encoding says
         encoding = request.headers.get("Content-Encoding", "")
         raise _UnreadableBody(f"the body could not be read as Content-Encoding {encoding!r}: "
                              f"{e.__cause__ or e}") from None
-    del body[size:]
     return body
 
 

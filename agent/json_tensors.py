@@ -12,15 +12,24 @@ input's `data`, which stays a `simdjson.Array` until `numbers_to_numpy` converts
 (`agent.protocol.decode_request` drops them before it returns; a parser can only be
 reused once every proxy into its last document is gone, else a fresh one is made).
 
+Big bodies are parsed in pieces. simdjson holds the GIL for the whole of a parse (~1.2 ms
+per MB here), so a 60 MB body in one piece would stall the event loop, health probes
+included, for 70-140 ms. Above `SPLIT_BYTES`, each flat numeric `data` array of the
+document is cut out of the text: the rest (the skeleton, with a per-request nonce string
+in each array's place) is parsed as usual, and the array's text is cut at commas into
+pieces of ~`PIECE_BYTES`, each parsed on its own, so no single GIL hold exceeds a few
+milliseconds. Every byte still goes through simdjson: a cut that was not an input's
+`data` (its nonce turns up anywhere else) or a piece that does not parse falls back to
+parsing the document whole, whose verdict then stands.
+
 Parsers are per thread (a parser is not thread-safe) and kept while the documents they
 parse are small; a parser's buffers grow to ~4x the largest document it has seen, so a
-thread drops its parser after a big document unless it is the one thread that
-`agent.decode_pool` keeps for big bodies (`keep_big_parser`), where reuse halves the
-parse time (no fresh pages to fault in) and the buffers are released when idle.
+thread drops its parser after a big one.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 from typing import Any, Literal
 
@@ -31,17 +40,16 @@ from .errors import InvalidRequest
 
 #: a thread keeps its parser after documents up to this size (its buffers: ~4x this)
 KEEP_PARSER_BYTES = 4 << 20
+#: documents above this have their big flat `data` arrays parsed in pieces ...
+SPLIT_BYTES = 4 << 20
+#: ... of about this many bytes (~1 ms of parsing each)
+PIECE_BYTES = 1 << 20
 
 _local = threading.local()
 
 #: as_buffer's element codes for the numpy kinds that take the fast path
 _BUFFER_CODES: dict[str, tuple[Literal["d", "i", "u"], np.dtype[Any]]] = {
     "f": ("d", np.dtype(np.float64)), "i": ("i", np.dtype(np.int64)), "u": ("u", np.dtype(np.uint64))}
-
-
-def keep_big_parser(keep: bool = True) -> None:
-    """Let this thread keep its parser after big documents (the big-body decode thread)."""
-    _local.keep_big = keep
 
 
 def release_parser() -> None:
@@ -86,10 +94,19 @@ def _fields(obj: simdjson.Object, lazy: str | None = None) -> dict[str, Any]:
 
 
 def parse_request_document(data: bytes | bytearray | memoryview) -> Any:
-    """The request as Python values, each input's `data` left as a `simdjson.Array` for numpy.
+    """The request as Python values, each input's `data` left lazy (a `simdjson.Array`, or the
+    `NumberText` of a big array parsed in pieces) for `numbers_to_numpy`.
 
     Anything but an object is returned as plain Python for the caller to refuse.
     """
+    if len(data) > SPLIT_BYTES and isinstance(data, (bytes, bytearray)):
+        doc = _parse_split(data)
+        if doc is not None:
+            return doc
+    return _parse_whole(data)
+
+
+def _parse_whole(data: bytes | bytearray | memoryview) -> Any:
     try:
         doc = _parse(data)
         if not isinstance(doc, simdjson.Object):
@@ -102,12 +119,87 @@ def parse_request_document(data: bytes | bytearray | memoryview) -> Any:
         return out
     finally:
         doc = inputs = None  # proxies gone before the parser is reused or dropped
-        if len(data) > KEEP_PARSER_BYTES and not getattr(_local, "keep_big", False):
+        if len(data) > KEEP_PARSER_BYTES:
             release_parser()
 
 
-def leading_dims(array: simdjson.Array) -> list[int]:
+class NumberText:
+    """The text of a flat JSON array, `[` at `start` and `]` at `end`, parsed in pieces on demand."""
+
+    def __init__(self, data: bytes | bytearray, start: int, end: int) -> None:
+        self.data, self.start, self.end = data, start, end
+
+    def pieces(self) -> list[bytes]:
+        """`[a,b,...]` texts of ~PIECE_BYTES, cut at commas, that together hold every element."""
+        out, pos, end, data = [], self.start + 1, self.end, self.data
+        while pos < end:
+            cut = data.find(b",", min(pos + PIECE_BYTES, end), end)
+            stop = end if cut < 0 else cut
+            out.append(b"[" + data[pos:stop] + b"]")
+            pos = stop + 1
+        return out or [b"[]"]
+
+    def whole(self) -> bytes:
+        return bytes(self.data[self.start:self.end + 1])
+
+
+def _flat_array_spans(data: bytes | bytearray) -> list[tuple[int, int]]:
+    """(start, end) of each `"data": [ ... ]` whose text holds no string, object or nested array
+    and is long enough to be worth cutting. Only candidates: the skeleton parse decides."""
+    spans, pos = [], 0
+    while (key := data.find(b'"data"', pos)) >= 0:
+        pos = key + 6
+        colon = _skip_space(data, pos)
+        if colon >= len(data) or data[colon] != 0x3A:  # ':'
+            continue
+        start = _skip_space(data, colon + 1)
+        if start >= len(data) or data[start] != 0x5B:  # '['
+            continue
+        end = data.find(b"]", start)
+        if end < 0 or end - start < 2 * PIECE_BYTES:
+            continue
+        if any(data.find(c, start + 1, end) >= 0 for c in (b"[", b'"', b"{")):
+            continue
+        spans.append((start, end))
+        pos = end + 1
+    return spans
+
+
+def _skip_space(data: bytes | bytearray, pos: int) -> int:
+    while pos < len(data) and data[pos] in b" \t\r\n":
+        pos += 1
+    return pos
+
+
+def _parse_split(data: bytes | bytearray) -> Any:
+    """The document with its big flat arrays left as `NumberText`; None to parse it whole."""
+    spans = _flat_array_spans(data)
+    if not spans:
+        return None
+    nonce = secrets.token_hex(16)
+    parts: list[bytes | bytearray] = []
+    pos = 0
+    for i, (start, end) in enumerate(spans):
+        parts += (data[pos:start], b'"%s:%d"' % (nonce.encode(), i))
+        pos = end + 1
+    parts.append(data[pos:])
+    try:
+        doc = _parse_whole(b"".join(parts))
+    except InvalidRequest:
+        return None
+    found = 0
+    for inp in doc.get("inputs", ()) if isinstance(doc, dict) and isinstance(doc.get("inputs"), list) else ():
+        value = inp.get("data") if isinstance(inp, dict) else None
+        if isinstance(value, str) and value.startswith(nonce + ":"):
+            inp["data"] = NumberText(data, *spans[int(value[len(nonce) + 1:])])
+            found += 1
+    return doc if found == len(spans) else None  # a cut elsewhere (say, in parameters): parse whole
+
+
+def leading_dims(array: simdjson.Array | NumberText) -> list[int]:
     """Lengths along the first element of each nesting level: [rows, cols] for [[1,2],[3,4]]."""
+    if isinstance(array, NumberText):
+        return [-1]  # flat by construction
     dims = [len(array)]
     node: Any = array
     while dims[-1] and isinstance(node := node[0], simdjson.Array):
@@ -115,23 +207,40 @@ def leading_dims(array: simdjson.Array) -> list[int]:
     return dims
 
 
-def numbers_to_numpy(array: simdjson.Array, kind: str) -> np.ndarray | None:
+def numbers_to_numpy(array: simdjson.Array | NumberText, kind: str) -> list[np.ndarray] | None:
     """All numbers of `array` (nested arrays flattened in row-major order) as float64, int64 or
-    uint64; None when some element is not a number of that kind (a string, a bool, null, an
-    object, a float for an integer kind, a negative for uint), so the caller's strict path
-    can name the element.
+    uint64 chunks (one per piece; one for a `simdjson.Array`); None when some element is not
+    a number of that kind (a string, a bool, null, an object, a float for an integer kind, a
+    negative for uint), so the caller's strict path can name the element.
     """
     code, dtype = _BUFFER_CODES[kind]
+    if isinstance(array, NumberText):
+        chunks = []
+        for piece in array.pieces():  # the GIL is free for the event loop between pieces
+            try:
+                doc = _parse(piece)
+                chunks.append(np.frombuffer(doc.as_buffer(of_type=code), dtype=dtype))
+            except (InvalidRequest, TypeError, ValueError, AttributeError):
+                return None
+            finally:
+                doc = None
+        return chunks
     try:
-        return np.frombuffer(array.as_buffer(of_type=code), dtype=dtype)
+        return [np.frombuffer(array.as_buffer(of_type=code), dtype=dtype)]
     except (TypeError, ValueError):
         return None
 
 
 def materialize(value: Any) -> Any:
     """A lazy `data` as Python objects (the strict, slow path)."""
+    if isinstance(value, NumberText):
+        doc = _parse(value.whole())
+        try:
+            return _plain(doc)
+        finally:
+            doc = None
     return _plain(value)
 
 
 def is_array(value: object) -> bool:
-    return isinstance(value, simdjson.Array)
+    return isinstance(value, (simdjson.Array, NumberText))

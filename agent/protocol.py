@@ -25,6 +25,7 @@ nested as the shape, with exactly as many elements as the shape needs.
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -309,18 +310,30 @@ def _numbers_from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[
     None when some element is anything else (NaN tokens, booleans, strings, a float for
     an integer type...): the strict path then converts or names it.
     """
-    flat = json_tensors.numbers_to_numpy(data, dtype.kind)
-    if flat is None:
+    chunks = json_tensors.numbers_to_numpy(data, dtype.kind)
+    if chunks is None:
         return None
+    size = sum(c.size for c in chunks)
     dims = json_tensors.leading_dims(data)
-    if len(dims) > 1 and math.prod(dims) != flat.size:
+    if len(dims) > 1 and math.prod(dims) != size:
         raise ValidationError(name, f"'data' is not a regular array: its first rows have lengths {dims} "
-                                    f"but it holds {flat.size} numbers")
-    if flat.size != count:
-        raise ValidationError(name, f"has {flat.size} elements; shape {list(shape)} needs {count}")
-    if dtype.kind in "iu" and count:
-        _check_range(name, flat, dtype)
-    return flat.astype(dtype, copy=False).reshape(shape)
+                                    f"but it holds {size} numbers")
+    if size != count:
+        raise ValidationError(name, f"has {size} elements; shape {list(shape)} needs {count}")
+    if dtype.kind in "iu":
+        for c in chunks:
+            if c.size:
+                _check_range(name, c, dtype)
+    if len(chunks) == 1:
+        with np.errstate(over="ignore"):  # past FP16/FP32's range is Inf, refused later unless allowed
+            return chunks[0].astype(dtype, copy=False).reshape(shape)
+    out = np.empty(count, dtype=dtype)
+    pos = 0
+    with np.errstate(over="ignore"):
+        for c in chunks:  # piece by piece: no long GIL hold for the event loop to wait on
+            out[pos:pos + c.size] = c
+            pos += c.size
+    return out.reshape(shape)
 
 
 def _check_range(name: str, array: np.ndarray, dtype: np.dtype[Any]) -> None:
@@ -354,7 +367,8 @@ def _strict_from_json(name: str, data: list[Any], dtype: np.dtype[Any], shape: t
         raise ValidationError(name, f"expected numbers for {_v2(dtype)}, got booleans")
     if want == "f":
         # numpy reads [1.5, true] as floats: every element is checked to be a number or a token
-        return _floats_with_tokens(name, np.array(data, dtype=object)).astype(dtype).reshape(shape)
+        with np.errstate(over="ignore"):
+            return _floats_with_tokens(name, np.array(data, dtype=object)).astype(dtype).reshape(shape)
     values = np.array(data, dtype=object).ravel().tolist()
     bad = next((i for i, x in enumerate(values) if type(x) is not int), None)  # bool is not int here, nor 1.0
     if bad is not None:
@@ -450,13 +464,14 @@ def _to_json_data(arr: np.ndarray) -> Any:
 
 def _with_nonfinite_tokens(flat: np.ndarray) -> orjson.Fragment:
     """orjson writes the numbers from numpy (non-finite ones as null); each null becomes its token."""
-    parts = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY).split(b"null")
+    raw = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY)
     bad = flat[~np.isfinite(flat)]
-    which = (np.sign(np.nan_to_num(bad, nan=0.0, posinf=1.0, neginf=-1.0)) + 1).astype(np.intp).tolist()
-    pieces = [parts[0]]
-    for w, part in zip(which, parts[1:], strict=True):
-        pieces += (_NONFINITE_OUT[w], part)
-    return orjson.Fragment(b"".join(pieces))
+    which = np.sign(np.nan_to_num(bad, nan=0.0, posinf=1.0, neginf=-1.0)).astype(np.intp) + 1
+    if (which == which[0]).all():  # one kind of non-finite value (all NaN, say): one C-level replace
+        return orjson.Fragment(raw.replace(b"null", _NONFINITE_OUT[which[0]]))
+    parts = raw.split(b"null")
+    tokens = [_NONFINITE_OUT[w] for w in which.tolist()]
+    return orjson.Fragment(b"".join(itertools.chain.from_iterable(zip(parts, [*tokens, b""], strict=True))))
 
 
 def count_non_finite(arrays: Sequence[np.ndarray]) -> int:

@@ -214,3 +214,63 @@ def test_non_finite_outputs_are_written_from_numpy_in_place() -> None:
     out = np.array([[1.5, np.nan], [-np.inf, 2.25]], dtype=np.float16)
     doc = json.loads(encode_response(InferResponse("m", "1", (OutputTensor("y", out),))).header)
     assert doc["outputs"][0]["data"] == [1.5, "NaN", "-Infinity", 2.25]
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split documents over 2 KB into ~256-byte pieces, so the big-body path runs on small bodies."""
+    from agent import json_tensors
+    monkeypatch.setattr(json_tensors, "SPLIT_BYTES", 2048)
+    monkeypatch.setattr(json_tensors, "PIECE_BYTES", 256)
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_big_arrays_parsed_in_pieces_decode_exactly_as_whole() -> None:
+    from agent import json_tensors
+    x = np.random.default_rng(4).standard_normal((3, 400)).astype(np.float32)
+    ids = np.arange(-600, 600, dtype=np.int64).reshape(2, 600)
+    doc = {"id": "r", "parameters": {"data": [1, 2, 3], "note": '"data": [9]'},
+           "inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 400], "data": x.ravel()},
+                      {"parameters": {"k": 1}, "name": "ids", "datatype": "INT64", "shape": [2, 600],
+                       "data": ids.ravel()}]}
+    body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2)
+    spans = json_tensors._flat_array_spans(body)
+    assert len(spans) == 2  # both big arrays are cut; the small one in parameters is not
+    req = decode_request(body)
+    np.testing.assert_array_equal(req.input("x").data, x)
+    np.testing.assert_array_equal(req.input("ids").data, ids)
+    assert req.parameters == {"data": [1, 2, 3], "note": '"data": [9]'} and req.id == "r"
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize(("data", "needle"), [
+    (b"[" + b"1.5," * 699 + b"true]", "element 699 is 'True', not a number"),
+    (b"[" + b"1.5," * 701 + b"]", "malformed JSON"),
+    (b"[" + b"1.5," * 700 + b",1.5]", "malformed JSON"),
+    (b"[" + b"1.5," * 700 + b"1.5 2.5]", "malformed JSON"),
+    (b"[" + b"1.5," * 300 + b"1e999," + b"1.5," * 399 + b"1.5]", "malformed JSON"),
+    (b"[" + b"1.5," * 700 + b"1.5]", "has 701 elements"),
+], ids=["bool", "trailing-comma", "double-comma", "missing-comma", "number-overflow", "count"])
+def test_big_arrays_parsed_in_pieces_keep_every_rule(data: bytes, needle: str) -> None:
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 350], "data": ' + data + b"}]}"
+    assert len(body) > 2048
+    with pytest.raises(InvalidRequest, match=needle):
+        decode_request(body)
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_a_cut_that_is_not_an_inputs_data_falls_back_to_the_whole_parse() -> None:
+    """"data" in the parameters of the request, a nested array, NaN tokens: parsed whole, still exact."""
+    x = np.arange(700, dtype=np.float32)
+    body = orjson.dumps({"parameters": {"data": list(range(700))},
+                         "inputs": [{"name": "x", "datatype": "FP32", "shape": [700], "data": x.tolist()}]})
+    req = decode_request(body)
+    assert req.parameters["data"] == list(range(700))
+    np.testing.assert_array_equal(req.input("x").data, x)
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 350],
+                                     "data": x.reshape(2, 350).tolist()}]})
+    np.testing.assert_array_equal(decode_request(body).input("x").data, x.reshape(2, 350))
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [700],
+                                     "data": ["NaN", *x.tolist()[1:]]}]})
+    got = decode_request(body).input("x").data
+    assert np.isnan(got[0]) and np.array_equal(got[1:], x[1:])
