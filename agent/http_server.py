@@ -225,7 +225,11 @@ async def json_errors(request: web.Request, handler: _Handler) -> web.StreamResp
         log.exception("HTTP %s %s failed", request.method, request.path)
         return error_response(InferenceFailed(f"internal error: {type(e).__name__}"))
     if response.status >= 400 and response.content_type != "application/json":
-        return _as_json_error(response)
+        response = _as_json_error(response)
+    if response.status >= 400 and "Content-Encoding" in request.headers and not request.content.is_eof():
+        # refused before its body was read: aiohttp would drain a compressed body it cannot
+        # decode into an exception logged per request; close instead
+        response.force_close()
     return response
 
 

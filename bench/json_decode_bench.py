@@ -55,7 +55,7 @@ def decoders() -> dict[str, Callable[[bytes], np.ndarray] | None]:
         parser = simdjson.Parser()
 
         def simd(b: bytes) -> np.ndarray:
-            doc = parser.parse(b)
+            doc: Any = parser.parse(b)
             arr = np.frombuffer(doc["inputs"][0]["data"].as_buffer(of_type="d"))
             del doc
             return _check(arr)
@@ -68,7 +68,7 @@ def decoders() -> dict[str, Callable[[bytes], np.ndarray] | None]:
         # built at run time: the module's postponed annotations cannot name local classes
         item = msgspec.defstruct("Input", [("name", str), ("datatype", str), ("shape", list[int]),
                                            ("data", list[float])])
-        dec = msgspec.json.Decoder(msgspec.defstruct("Request", [("inputs", list[item])]))  # type: ignore[valid-type]
+        dec: Any = msgspec.json.Decoder(msgspec.defstruct("Request", [("inputs", list[item])]))  # type: ignore[valid-type]
         out["msgspec typed (list[float]) + np.asarray"] = lambda b: _check(np.asarray(dec.decode(b).inputs[0].data))
     else:
         out["msgspec typed (list[float]) + np.asarray"] = None

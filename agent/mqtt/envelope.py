@@ -23,9 +23,9 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.decoding import decode_request
+from agent import decoding
 from agent.errors import AgentError, InvalidRequest
-from agent.protocol import EncodedResponse, InferRequest, dumps, parse_json
+from agent.protocol import EncodedResponse, InferRequest, decode_request, dumps, parse_json
 
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"
 STATUS_PROPERTY = "status"
@@ -93,10 +93,15 @@ def split_payload(payload: bytes, props: Mapping[str, str]) -> tuple[bytes, int 
     return payload[:nul] + payload[nul + 1:], nul
 
 
-async def decode(payload: bytes, props: Mapping[str, str]) -> InferRequest:
-    """Decoded as HTTP bodies are: big JSON off the event loop (`agent.decoding`)."""
+def decode(payload: bytes, props: Mapping[str, str]) -> InferRequest:
     body, header_length = split_payload(payload, props)
-    return await decode_request(body, header_length)
+    return decode_request(body, header_length)
+
+
+async def decode_async(payload: bytes, props: Mapping[str, str]) -> InferRequest:
+    """As HTTP bodies are decoded: big JSON off the event loop (`agent.decoding`)."""
+    body, header_length = split_payload(payload, props)
+    return await decoding.decode_request(body, header_length)
 
 
 def salvage_addressing(payload: bytes, props: Mapping[str, str]) -> Addressing | None:
