@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -129,15 +130,17 @@ class NumberText:
     def __init__(self, data: bytes | bytearray, start: int, end: int) -> None:
         self.data, self.start, self.end = data, start, end
 
-    def pieces(self) -> list[bytes]:
-        """`[a,b,...]` texts of ~PIECE_BYTES, cut at commas, that together hold every element."""
-        out, pos, end, data = [], self.start + 1, self.end, self.data
+    def pieces(self) -> Iterator[bytes]:
+        """`[a,b,...]` texts of ~PIECE_BYTES, cut at commas, that together hold every element
+        (made one at a time: never a second copy of the whole array)."""
+        pos, end, data = self.start + 1, self.end, self.data
+        if pos >= end:
+            yield b"[]"
         while pos < end:
             cut = data.find(b",", min(pos + PIECE_BYTES, end), end)
             stop = end if cut < 0 else cut
-            out.append(b"[" + data[pos:stop] + b"]")
+            yield b"[" + data[pos:stop] + b"]"
             pos = stop + 1
-        return out or [b"[]"]
 
     def whole(self) -> bytes:
         return bytes(self.data[self.start:self.end + 1])
