@@ -91,7 +91,10 @@ def _plain(value: Any) -> Any:
 
 def _fields(obj: simdjson.Object, lazy: str | None = None) -> dict[str, Any]:
     # keys() then [] instead of items(): items() would turn a big `data` into Python objects
-    return {k: (obj[k] if k == lazy else _plain(obj[k])) for k in obj.keys()}  # noqa: SIM118
+    try:
+        return {k: (obj[k] if k == lazy else _plain(obj[k])) for k in obj.keys()}  # noqa: SIM118
+    except KeyError:  # a key with a NUL in it cannot be looked up by name: convert it all
+        return obj.as_dict()
 
 
 def parse_request_document(data: bytes | bytearray | memoryview) -> Any:

@@ -293,3 +293,14 @@ def test_json_numbers_go_into_numpy_without_a_python_object_each() -> None:
         tracemalloc.stop()
     np.testing.assert_array_equal(got, x)
     assert peak < 4 * x.nbytes, f"peak {peak} bytes for a {x.nbytes}-byte tensor"
+
+
+def test_keys_with_nul_characters_are_plain_keys() -> None:
+    """Found by the fuzz test: simdjson cannot look a key with a NUL up by name (it was a 500)."""
+    body = b'{"inputs": [{"\\u0000": null, "name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}],' \
+           b' "parameters": {"a\\u0000b": 1}}'
+    req = decode_request(body)
+    assert req.parameters == {"a\x00b": 1}
+    np.testing.assert_array_equal(req.input("x").data, np.array([1, 2], np.float32))
+    with pytest.raises(InvalidRequest, match="string 'name'"):
+        decode_request(b'{"inputs": [{"\\u0000": null}]}')
