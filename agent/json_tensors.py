@@ -202,10 +202,11 @@ def _parse_split(data: bytes | bytearray) -> Any:
     return doc if found == len(spans) else None  # a cut elsewhere (say, in parameters): parse whole
 
 
-def leading_dims(array: simdjson.Array | NumberText) -> list[int]:
-    """Lengths along the first element of each nesting level: [rows, cols] for [[1,2],[3,4]]."""
+def leading_dims(array: simdjson.Array | NumberText) -> list[int] | None:
+    """Lengths along the first element of each nesting level: [rows, cols] for [[1,2],[3,4]];
+    their product is the element count of a regular array. None: flat by construction."""
     if isinstance(array, NumberText):
-        return [-1]  # flat by construction
+        return None
     dims = [len(array)]
     node: Any = array
     while dims[-1] and isinstance(node := node[0], simdjson.Array):

@@ -315,7 +315,7 @@ def _numbers_from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[
         return None
     size = sum(c.size for c in chunks)
     dims = json_tensors.leading_dims(data)
-    if len(dims) > 1 and math.prod(dims) != size:
+    if dims is not None and math.prod(dims) != size:
         raise ValidationError(name, f"'data' is not a regular array: its first rows have lengths {dims} "
                                     f"but it holds {size} numbers")
     if size != count:

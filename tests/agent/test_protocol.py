@@ -150,7 +150,9 @@ def test_fp16_outputs_are_written_exactly() -> None:
     ([True, False, True, True], "booleans"),
     ([1.0, "x", 2.0, 3.0], "not a number"),
     ([[1.0, 2.0], [3.0]], "not a regular array"),
-], ids=["numeric-strings", "booleans", "mixed", "ragged"])
+    ([1.0, [2.0, 3.0], 4.0], "not a regular array"),
+    ([[1.0, 2.0], 3.0, 4.0], "not a regular array"),
+], ids=["numeric-strings", "booleans", "mixed", "ragged", "nested-in-flat", "flat-in-nested"])
 def test_float_data_must_be_json_numbers(data: list[object], needle: str) -> None:
     """numpy would turn "1.5" or true into a float if asked for float32 directly: a 400, not a guess."""
     body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": data}]})
