@@ -63,6 +63,11 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 64 << 20
+    #: request bodies held at once (reserved before reading); beyond it 503 + Retry-After.
+    #: None: 2 x max_body_bytes. JSON decoding costs ~4x a body's size on top, one big body at a time.
+    max_inflight_body_bytes: int | None = None
+    #: open connections; one more is answered 503 and closed
+    max_connections: int = 1024
     token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -82,3 +87,12 @@ class ServerConfig:
             raise ConfigError("TLS needs both a certificate and a key")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_inflight_body_bytes is not None and self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ConfigError(f"max_inflight_body_bytes ({self.max_inflight_body_bytes}) must be at least "
+                              f"max_body_bytes ({self.max_body_bytes}), or a maximal body is never admitted")
+        if self.max_connections < 1:
+            raise ConfigError(f"max_connections must be >= 1, got {self.max_connections}")
+
+    @property
+    def body_budget_bytes(self) -> int:
+        return self.max_inflight_body_bytes or 2 * self.max_body_bytes

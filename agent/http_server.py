@@ -7,12 +7,19 @@ can embed it next to its other tasks; `outpost serve` is one such embedding.
 
 Defences (THREATS 28-35): the body limit is checked against Content-Length
 before anything is read and again while streaming (so a chunked or compressed
-body stops at the limit, 413); a body must arrive within `body_timeout_s`;
-header lines, fields and counts are capped; idle keep-alive sockets close; a
-client that disconnects cancels its handler, which drops its queued request.
-Health and metrics never touch a model queue, so they answer under overload.
-With a token, every route but the two health probes needs
-`Authorization: Bearer <token>`.
+body stops at the limit, 413); a body must fit the byte budget of bodies in
+flight before it is read (`agent.admission`, else 503 + Retry-After); big JSON
+bodies are decoded off the event loop (`agent.decoding`); a body must arrive
+within `body_timeout_s`; header lines, fields, counts and open connections are
+capped; idle keep-alive sockets close; a client that disconnects cancels its
+handler, which drops its queued request. Health and metrics never touch a model
+queue, so they answer under overload. With a token, every route but the two
+health probes needs `Authorization: Bearer <token>`.
+
+Every non-2xx answer is JSON `{"error": ...}`: ours by `error_response`,
+aiohttp's own (404, 405, an unexpected exception's 500) by the `json_errors`
+middleware, and those of the HTTP parser (a malformed request line, headers over
+the caps) by the connection handler that `_JsonErrorsSite` installs.
 """
 
 from __future__ import annotations
@@ -22,18 +29,22 @@ import hmac
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
-from . import protocol
+from . import decoding, protocol
+from .admission import ByteBudget, Reservation
 from .config import ServerConfig
 from .dataplane import DataPlane, deadline_after
-from .errors import AgentError, InvalidRequest, PayloadTooLarge, Unauthorized, Unavailable
+from .errors import AgentError, InferenceFailed, InvalidRequest, PayloadTooLarge, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 
 DATAPLANE = web.AppKey("dataplane", DataPlane)
 CONFIG = web.AppKey("server_config", ServerConfig)
+BUDGET = web.AppKey("body_budget", ByteBudget)
 
 #: A request may shorten its own deadline with this header (milliseconds), never lengthen it.
 TIMEOUT_HEADER = "Outpost-Timeout-Ms"
@@ -105,16 +116,25 @@ async def infer(request: web.Request) -> web.Response:
         sm = dp.get(model, version)  # 404 before reading a byte of the body
         _check_content_type(request)
         deadline = _deadline(request, sm.config.timeout_ms)
-        body = await _read_body(request, config)
-        req = protocol.decode_request(body, request.headers.get(HEADER_LENGTH))
-        response = await dp.infer(model, sm.version, req, deadline)  # the version resolved above
-        encoded = protocol.encode_response(response)
+        with request.app[BUDGET].reservation() as held:  # held until the answer is built
+            req = await decoding.decode_request(await _read_body(request, config, held),
+                                                request.headers.get(HEADER_LENGTH))
+            response = await dp.infer(model, sm.version, req, deadline)  # the version resolved above
+            del req
+            encoded = protocol.encode_response(response)
     except AgentError as e:
-        return error_response(e)
+        reply = error_response(e)
+        if isinstance(e, _UnreadableBody):
+            reply.force_close()  # aiohttp would fail again draining the rest of it
+        return reply
     if encoded.header_length is None:
         return web.Response(body=encoded.header, content_type="application/json")
     return web.Response(body=encoded.body(), content_type="application/octet-stream",
                         headers={HEADER_LENGTH: str(encoded.header_length)})
+
+
+class _UnreadableBody(InvalidRequest):
+    """The body stream itself failed (bad compression): the connection cannot be reused."""
 
 
 def _check_content_type(request: web.Request) -> None:
@@ -140,19 +160,33 @@ def _deadline(request: web.Request, default_ms: float) -> float:
     return deadline_after(min(ms, default_ms))
 
 
-async def _read_body(request: web.Request, config: ServerConfig) -> bytes:
+async def _read_body(request: web.Request, config: ServerConfig, held: Reservation) -> bytearray:
+    """The whole (decompressed) body, reserved in the byte budget before each byte is kept."""
     limit = config.max_body_bytes
     length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(length, limit)
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(length, limit)
+        held.ensure(length)
+    body = bytearray()  # grown chunk by chunk (realloc moves pages, no copy): never a 60 MB memset on the loop
+
+    async def receive() -> None:
+        while chunk := await request.content.readany():
+            end = len(body) + len(chunk)
+            if end > limit:  # a chunked or compressed body past the limit
+                raise PayloadTooLarge(None, limit)
+            held.ensure(end)
+            body.extend(chunk)
+
     try:
-        if request.content.is_eof():
-            return await request.read()
-        return await asyncio.wait_for(request.read(), config.body_timeout_s)
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(None, limit) from None
+        await asyncio.wait_for(receive(), config.body_timeout_s)
     except TimeoutError:
         raise InvalidRequest(f"request body did not arrive within {config.body_timeout_s:g} s") from None
+    except web.RequestPayloadError as e:  # a body that is not what its Content-Encoding says
+        encoding = request.headers.get("Content-Encoding", "")
+        raise _UnreadableBody(f"the body could not be read as Content-Encoding {encoding!r}: "
+                             f"{e.__cause__ or e}") from None
+    return body
 
 
 # ---------------------------------------------------------------------------------- app
@@ -173,11 +207,46 @@ def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
     return auth
 
 
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Outermost: aiohttp's own error answers (404, 405, 413, a bug's 500) as JSON bodies too."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _as_json_error(e)
+    except AgentError as e:
+        return error_response(e)
+    except Exception as e:  # a bug costs one request a JSON 500, and is logged with its traceback
+        log.exception("HTTP %s %s failed", request.method, request.path)
+        return error_response(InferenceFailed(f"internal error: {type(e).__name__}"))
+    if response.status >= 400 and response.content_type != "application/json":
+        response = _as_json_error(response)
+    if response.status >= 400 and "Content-Encoding" in request.headers and not request.content.is_eof():
+        # refused before its body was read: aiohttp would drain a compressed body it cannot
+        # decode into an exception logged per request; close instead
+        response.force_close()
+    return response
+
+
+def _as_json_error(response: web.StreamResponse) -> web.Response:
+    text = response.text if isinstance(response, web.Response) and response.text else None
+    message = (text or response.reason or str(response.status)).strip()
+    headers = {k: v for k, v in response.headers.items() if k in ("Allow", "Retry-After", "WWW-Authenticate")}
+    return web.Response(status=response.status, body=protocol.encode_error(message),
+                        content_type="application/json", headers=headers)
+
+
 def create_app(dataplane: DataPlane, config: ServerConfig) -> web.Application:
-    middlewares = [_auth_middleware(config.token)] if config.token else []
+    middlewares = [json_errors] + ([_auth_middleware(config.token)] if config.token else [])
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[DATAPLANE] = dataplane
     app[CONFIG] = config
+    app[BUDGET] = ByteBudget(config.body_budget_bytes)
     r = app.router
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", health_live)
@@ -200,6 +269,60 @@ def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+class _JsonErrorsHandler(RequestHandler):
+    """aiohttp's connection handler, answering requests its parser refused (a bad request line,
+    headers over the caps) with JSON; installed on each handler the server makes (same layout)."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        response = _as_json_error(super().handle_error(request, status, exc, message))
+        response.force_close()
+        return response
+
+
+class _Refusal(asyncio.Protocol):
+    """The answer to a connection over `max_connections`: a 503 written at once, then closed."""
+
+    def __init__(self, limit: int) -> None:
+        body = protocol.encode_error(f"{limit} connections are open, the limit; retry later")
+        self._reply = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                       b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(self._reply)
+        transport.close()
+
+
+class _JsonErrorsSite(web.TCPSite):
+    """A TCPSite whose connections answer parser errors in JSON and stop at `max_connections`."""
+
+    def __init__(self, runner: web.BaseRunner, config: ServerConfig, ssl_context: ssl.SSLContext | None) -> None:
+        super().__init__(runner, config.host, config.port, ssl_context=ssl_context, backlog=512)
+        self._max_connections = config.max_connections
+        self.refused_connections = 0
+
+    def _connection(self) -> asyncio.Protocol:
+        server = self._runner.server
+        assert server is not None
+        if len(server.connections) >= self._max_connections:
+            self.refused_connections += 1
+            return _Refusal(self._max_connections)
+        handler = server()
+        handler.__class__ = _JsonErrorsHandler
+        return handler
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._connection, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
 class HttpServer:
     """Start/stop the HTTP edge inside any running event loop (the daemon, `outpost serve`, tests)."""
 
@@ -217,7 +340,7 @@ class HttpServer:
             max_field_size=c.max_field_bytes, max_headers=c.max_headers, shutdown_timeout=c.drain_timeout_s,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, c.host, c.port, ssl_context=ssl_context(c), backlog=512)
+        site = _JsonErrorsSite(self._runner, c, ssl_context(c))
         await site.start()
 
     @property

@@ -7,23 +7,25 @@ and get back the bytes to send. Keeping it pure makes every protocol corner a
 unit test and lets both transports answer byte-for-byte the same.
 
 Speed matters here more than anywhere else in the agent (see FIELD-NOTES):
-binary tensors are wrapped with `np.frombuffer` (no copy, no parse), JSON is
-parsed and written with orjson, and float outputs are serialised straight from
-numpy when they are all finite.
+binary tensors are wrapped with `np.frombuffer` (no copy, no parse); JSON requests
+are parsed with simdjson and each tensor's numbers copied straight into numpy
+(`agent.json_tensors`: no Python object per number); responses are written with
+orjson straight from numpy, non-finite floats included.
 
 Non-finite outputs: JSON has no NaN or Infinity, so a float output holding them
 is written with the strings "NaN", "Infinity" and "-Infinity" in place of those
 elements (the spellings JavaScript and Python's `float()` read back), and the
 whole body stays valid JSON. Inputs may use the same strings.
 
-Float inputs in JSON are converted by numpy in one pass (the fast path for a
-150,000-number image): it also reads numeric strings, booleans and null (as
-NaN, which validation then refuses unless the model allows non-finite input).
-Integer and boolean inputs are checked strictly.
+Strict JSON types: FP inputs take JSON numbers and those three strings only (never
+numeric strings, booleans or null); integer inputs take JSON integers within the
+datatype's range; BOOL takes true/false; BYTES takes strings. `data` is flat or
+nested as the shape, with exactly as many elements as the shape needs.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from . import json_tensors
 from .errors import InvalidRequest, ValidationError
 
 #: v2 datatype name -> numpy dtype (BYTES is a numpy object array of str).
@@ -52,6 +55,7 @@ SPEC_DATATYPES: dict[str, str] = {
 MAX_RANK = 16
 _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf,
                  "nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_NONFINITE_OUT = (b'"-Infinity"', b'"NaN"', b'"Infinity"')  # by sign(x) + 1, NaN read as 0
 _LEN = struct.Struct("<I")
 
 
@@ -141,7 +145,8 @@ class EncodedResponse:
 # --------------------------------------------------------------------------------------- decoding
 
 
-def split_body(body: bytes, header_length: str | int | None) -> tuple[bytes | memoryview, memoryview]:
+def split_body(body: bytes | bytearray, header_length: str | int | None
+               ) -> tuple[bytes | bytearray | memoryview, memoryview]:
     """Separate the JSON header from the binary tail (Inference-Header-Content-Length)."""
     view = memoryview(body)
     if header_length is None or header_length == "":
@@ -162,10 +167,10 @@ def parse_json(data: bytes | memoryview | str) -> Any:
         raise InvalidRequest(f"malformed JSON: {e}") from None
 
 
-def decode_request(body: bytes, header_length: str | int | None = None) -> InferRequest:
+def decode_request(body: bytes | bytearray, header_length: str | int | None = None) -> InferRequest:
     """Decode a v2 inference request body (JSON, or JSON + binary tail)."""
     header, tail = split_body(body, header_length)
-    doc = parse_json(header)
+    doc = json_tensors.parse_request_document(header)
     if not isinstance(doc, dict):
         raise InvalidRequest("the request must be a JSON object")
     raw_inputs = doc.get("inputs")
@@ -227,6 +232,8 @@ def _decode_input(raw: object, tail: memoryview, offset: int) -> tuple[InferInpu
     count = math.prod(shape)
     params = _params(raw.get("parameters"), f"input {name!r}")
     dtype = DATATYPES[datatype]
+    if count == 0:
+        _check_empty_shape(name, shape, dtype)
     size = params.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0:
@@ -240,6 +247,14 @@ def _decode_input(raw: object, tail: memoryview, offset: int) -> tuple[InferInpu
         raise ValidationError(name, "has neither 'data' nor a 'binary_data_size' parameter")
     array = _from_json(name, raw["data"], dtype, shape, count)
     return InferInput(name, datatype, shape, array, params), offset
+
+
+def _check_empty_shape(name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    """numpy refuses a 0-sized shape whose other dims overflow its index type ([0, 2**62, 2**62])."""
+    try:
+        np.empty(shape, dtype=dtype)
+    except ValueError:
+        raise ValidationError(name, f"shape {list(shape)} is too big for any tensor, even an empty one") from None
 
 
 def _from_binary(name: str, chunk: memoryview, dtype: np.dtype[Any], shape: tuple[int, ...],
@@ -278,20 +293,58 @@ def _bytes_from_binary(name: str, chunk: memoryview, shape: tuple[int, ...], cou
 
 def _from_json(name: str, data: object, dtype: np.dtype[Any], shape: tuple[int, ...],
                count: int) -> np.ndarray:
+    if dtype.kind in "fiu" and json_tensors.is_array(data):
+        fast = _numbers_from_json(name, data, dtype, shape, count)
+        if fast is not None:
+            return fast
+    data = json_tensors.materialize(data)
     if not isinstance(data, list):
         raise ValidationError(name, "'data' must be a list")
-    if dtype.kind == "f":
-        # fast path for the common case (a big float tensor): one conversion whose inferred dtype
-        # also proves every element was a JSON number (numpy would parse "1.5" or true into a
-        # float if asked for float32 directly); anything else takes the strict path below
-        try:
-            fast = np.asarray(data)
-        except (ValueError, TypeError):
-            fast = None
-        if fast is not None and fast.dtype.kind in "fiu":
-            if fast.size != count:
-                raise ValidationError(name, f"has {fast.size} elements; shape {list(shape)} needs {count}")
-            return fast.astype(dtype, copy=False).reshape(shape)
+    return _strict_from_json(name, data, dtype, shape, count)
+
+
+def _numbers_from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...],
+                       count: int) -> np.ndarray | None:
+    """The fast path: every element a JSON number of the right kind, copied into numpy in C.
+
+    None when some element is anything else (NaN tokens, booleans, strings, a float for
+    an integer type...): the strict path then converts or names it.
+    """
+    chunks = json_tensors.numbers_to_numpy(data, dtype.kind)
+    if chunks is None:
+        return None
+    size = sum(c.size for c in chunks)
+    dims = json_tensors.leading_dims(data)
+    if dims is not None and math.prod(dims) != size:
+        raise ValidationError(name, f"'data' is not a regular array: its first rows have lengths {dims} "
+                                    f"but it holds {size} numbers")
+    if size != count:
+        raise ValidationError(name, f"has {size} elements; shape {list(shape)} needs {count}")
+    if dtype.kind in "iu":
+        for c in chunks:
+            if c.size:
+                _check_range(name, c, dtype)
+    if len(chunks) == 1:
+        with np.errstate(over="ignore"):  # past FP16/FP32's range is Inf, refused later unless allowed
+            return chunks[0].astype(dtype, copy=False).reshape(shape)
+    out = np.empty(count, dtype=dtype)
+    pos = 0
+    with np.errstate(over="ignore"):
+        for c in chunks:  # piece by piece: no long GIL hold for the event loop to wait on
+            out[pos:pos + c.size] = c
+            pos += c.size
+    return out.reshape(shape)
+
+
+def _check_range(name: str, array: np.ndarray, dtype: np.dtype[Any]) -> None:
+    info = np.iinfo(dtype)
+    if array.min() < info.min or array.max() > info.max:
+        raise ValidationError(name, f"value out of range for {_v2(dtype)}")
+
+
+def _strict_from_json(name: str, data: list[Any], dtype: np.dtype[Any], shape: tuple[int, ...],
+                      count: int) -> np.ndarray:
+    """Python values, checked element by element: the path of BOOL, BYTES, tokens and mistakes."""
     try:
         array = np.array(data, dtype=object if dtype.kind == "O" else None)
     except (ValueError, TypeError) as e:
@@ -306,21 +359,25 @@ def _from_json(name: str, data: object, dtype: np.dtype[Any], shape: tuple[int, 
         if not all(isinstance(x, str) for x in flat):
             raise ValidationError(name, "BYTES data must be strings")
         return flat.reshape(shape)
+    if want == "b":
+        if kind != "b":
+            raise ValidationError(name, f"expected true/false for BOOL, got {_kind_name(kind)}")
+        return array.reshape(shape)
+    if kind == "b":
+        raise ValidationError(name, f"expected numbers for {_v2(dtype)}, got booleans")
     if want == "f":
-        if kind in "OU":
-            array = _floats_with_tokens(name, np.array(data, dtype=object))
-        elif kind not in "fiu":
-            raise ValidationError(name, f"expected numbers for {_v2(dtype)}, got {_kind_name(kind)}")
-    elif want in "iu":
-        if kind not in "iu":
-            raise ValidationError(name, f"expected integers for {_v2(dtype)}, got {_kind_name(kind)}")
-        info = np.iinfo(dtype)
-        lo, hi = array.min(), array.max()
-        if lo < info.min or hi > info.max:
-            raise ValidationError(name, f"value out of range for {_v2(dtype)}")
-    elif want == "b" and kind != "b":
-        raise ValidationError(name, f"expected true/false for BOOL, got {_kind_name(kind)}")
-    return array.astype(dtype, copy=False).reshape(shape)
+        # numpy reads [1.5, true] as floats: every element is checked to be a number or a token
+        with np.errstate(over="ignore"):
+            return _floats_with_tokens(name, np.array(data, dtype=object)).astype(dtype).reshape(shape)
+    values = np.array(data, dtype=object).ravel().tolist()
+    bad = next((i for i, x in enumerate(values) if type(x) is not int), None)  # bool is not int here, nor 1.0
+    if bad is not None:
+        raise ValidationError(name, f"expected integers for {_v2(dtype)}, got {_kind_name(kind)} "
+                                    f"(element {bad} is {str(values[bad])[:20]!r})")
+    info = np.iinfo(dtype)
+    if min(values) < info.min or max(values) > info.max:
+        raise ValidationError(name, f"value out of range for {_v2(dtype)}")
+    return np.array(values, dtype=dtype).reshape(shape)
 
 
 def _floats_with_tokens(name: str, array: np.ndarray) -> np.ndarray:
@@ -398,12 +455,23 @@ def _to_json_data(arr: np.ndarray) -> Any:
     if kind in "OUS":
         return [x.decode(errors="backslashreplace") if isinstance(x, bytes) else str(x) for x in arr.ravel().tolist()]
     flat = np.ascontiguousarray(arr).ravel()
-    if kind == "f" and not np.isfinite(flat).all():
-        return [x if math.isfinite(x) else ("NaN" if x != x else ("Infinity" if x > 0 else "-Infinity"))
-                for x in flat.tolist()]
     if kind == "f" and flat.dtype.itemsize == 2:
-        return flat.astype(np.float32)  # exact; orjson writes float16 with fewer guarantees
+        flat = flat.astype(np.float32)  # exact; orjson writes float16 with fewer guarantees
+    if kind == "f" and not np.isfinite(flat).all():
+        return _with_nonfinite_tokens(flat)
     return flat
+
+
+def _with_nonfinite_tokens(flat: np.ndarray) -> orjson.Fragment:
+    """orjson writes the numbers from numpy (non-finite ones as null); each null becomes its token."""
+    raw = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY)
+    bad = flat[~np.isfinite(flat)]
+    which = np.sign(np.nan_to_num(bad, nan=0.0, posinf=1.0, neginf=-1.0)).astype(np.intp) + 1
+    if (which == which[0]).all():  # one kind of non-finite value (all NaN, say): one C-level replace
+        return orjson.Fragment(raw.replace(b"null", _NONFINITE_OUT[which[0]]))
+    parts = raw.split(b"null")
+    tokens = [_NONFINITE_OUT[w] for w in which.tolist()]
+    return orjson.Fragment(b"".join(itertools.chain.from_iterable(zip(parts, [*tokens, b""], strict=True))))
 
 
 def count_non_finite(arrays: Sequence[np.ndarray]) -> int:

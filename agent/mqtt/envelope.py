@@ -23,6 +23,7 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent import decoding
 from agent.errors import AgentError, InvalidRequest
 from agent.protocol import EncodedResponse, InferRequest, decode_request, dumps, parse_json
 
@@ -95,6 +96,12 @@ def split_payload(payload: bytes, props: Mapping[str, str]) -> tuple[bytes, int 
 def decode(payload: bytes, props: Mapping[str, str]) -> InferRequest:
     body, header_length = split_payload(payload, props)
     return decode_request(body, header_length)
+
+
+async def decode_async(payload: bytes, props: Mapping[str, str]) -> InferRequest:
+    """As HTTP bodies are decoded: big JSON off the event loop (`agent.decoding`)."""
+    body, header_length = split_payload(payload, props)
+    return await decoding.decode_request(body, header_length)
 
 
 def salvage_addressing(payload: bytes, props: Mapping[str, str]) -> Addressing | None:

@@ -214,7 +214,7 @@ class MqttFrontEnd:
                 raise PayloadTooLarge(len(payload), self.settings.max_payload_bytes, "MQTT payload")
             # 404 before decoding, as HTTP
             default_ms = self.dataplane.get(target.model, target.version).config.timeout_ms
-            request = envelope.decode(payload, users)
+            request = await envelope.decode_async(payload, users)
             if addr is None:
                 addr = envelope.json_addressing(request.parameters)
                 if addr is None:

@@ -180,6 +180,8 @@ async def test_binary_payload_mqtt311_with_nul_separator(front: MqttFrontEnd, br
 # ----------------------------------------------------------------------------- errors
 
 GOOD = request_json(sample(1))
+HUGE_EMPTY_BINARY = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [0, 2**62, 2**62],
+                                              "parameters": {"binary_data_size": 0}}]})
 ERROR_CASES = [
     # id, topic suffix, payload, user properties, status, text in the message
     ("malformed-json", "models/mlp/infer", b"{not json", {}, 400, "malformed JSON"),
@@ -202,6 +204,13 @@ ERROR_CASES = [
     ("non-finite", "models/mlp/infer",
      orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ["NaN"] * 64}]}),
      {}, 400, "'input'"),
+    ("huge-empty-json", "models/mlp/infer",
+     orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [0, 2**62, 2**62], "data": []}]}),
+     {}, 400, "'input': shape [0, 4611686018427387904, 4611686018427387904] is too big"),
+    ("huge-empty-binary", "models/mlp/infer", HUGE_EMPTY_BINARY, {HLEN: str(len(HUGE_EMPTY_BINARY))}, 400, "too big"),
+    ("mixed-float-bool", "models/mlp/infer",
+     orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1.5, True]}]}),
+     {}, 400, "element 1 is 'True', not a number"),
     ("bad-header-length", "models/mlp/infer", GOOD, {HLEN: "999999"}, 400, "Inference-Header-Content-Length"),
     ("bad-timeout", "models/mlp/infer", GOOD, {"Outpost-Timeout-Ms": "soon"}, 400, "Outpost-Timeout-Ms"),
     ("deadline", "models/mlp/infer", GOOD, {"Outpost-Timeout-Ms": "0.001"}, 504, "deadline"),
