@@ -32,7 +32,6 @@ from .service import Fleet
 def make_app(config: ServerConfig) -> web.Application:
     app = build_app()
     app.add_routes(rollout_routes)
-    dashboard_routes.setup(app)
 
     async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         fleet = await Fleet.open(config)
@@ -57,6 +56,7 @@ def make_app(config: ServerConfig) -> web.Application:
         app[FLEET].notifier.close()
 
     app.cleanup_ctx.append(_fleet_ctx)
+    dashboard_routes.setup(app)  # after the fleet: its context reads the fleet's key directory
     app.on_shutdown.append(_on_shutdown)
     return app
 
