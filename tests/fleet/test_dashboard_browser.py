@@ -138,15 +138,15 @@ async def test_dashboard_in_chromium(fleet_with_rollout: dict[str, Any], browser
     await page.goto(f"{url}/dashboard/rollouts/{rollout}")
     gates = await page.inner_text("#gates")
     assert "p95_ms" in gates and "error_rate" in gates and "20" in gates and "pass" in gates
-    assert "running" == await page.inner_text("#status")
+    assert await page.inner_text("#status") == "running"
     await page.screenshot(path=str(artifacts / "rollout.png"), full_page=True)
 
     # a form posted without the CSRF token is refused (the browser sends the session cookie)
     refused = await page.request.post(f"{url}/dashboard/rollouts/{rollout}/pause", form={"do": "pause"},
                                       max_redirects=0)
     assert refused.status == 403 and "CSRF" in await refused.text()
-    assert "running" == (await (await page.request.get(f"{url}/api/v1/rollouts/{rollout}", headers={
-        "Authorization": f"Bearer {f['operator']}"})).json())["status"]
+    assert (await (await page.request.get(f"{url}/api/v1/rollouts/{rollout}", headers={
+        "Authorization": f"Bearer {f['operator']}"})).json())["status"] == "running"
 
     # pausing from the page changes its state
     await page.click("#actions button.pause")
