@@ -141,6 +141,9 @@ class Manifest:
         # Optional fields left unset are left out, so manifests that do not use them keep their bytes.
         if not raw["service"]["metrics"]:
             del raw["service"]["metrics"]
+        else:
+            raw["service"]["metrics"] = [{k: v for k, v in m.items() if v is not None}
+                                         for m in raw["service"]["metrics"]]
         if raw["service"]["slo"]["max_nan_rate"] is None:
             del raw["service"]["slo"]["max_nan_rate"]
         return cast(dict[str, Any], json.loads(json.dumps(raw)))  # tuples -> lists

@@ -66,6 +66,10 @@ class SimDevice:
     behaviour: Behaviour
     period_s: float
     requests_per_window: int = 50
+    #: Engine it reports running each bundle on (a fallback shows as "cpu").
+    engine: str = "tensorrt"
+    #: Custom metrics per window, as (ref, hardware) -> {metric: value}.
+    custom: Callable[[str, str], dict[str, float]] | None = None
     serial: int = -1
     active: list[str] = field(default_factory=list)
     history: list[list[str]] = field(default_factory=list)
@@ -78,7 +82,7 @@ class SimDevice:
             "agent_version": "0.1.0-sim",
             "hardware": {"gpu_name": self.hardware, "architecture": "aarch64" if "orin" in self.hardware
                          else "x86_64"},
-            "bundles": [{"ref": r, "active": True, "engine": "tensorrt"} for r in self.active],
+            "bundles": [{"ref": r, "active": True, "engine": self.engine} for r in self.active],
             "health": {"status": "ok"},
         }
         if with_window and self.active:
@@ -89,6 +93,8 @@ class SimDevice:
                 for m in self.models.get(ref.partition("@")[0], []):
                     models[m] = {"requests": n, "errors": round(n * err), "nan_count": round(n * nan),
                                  "p50_ms": p95 / 2, "p95_ms": p95, "p99_ms": p95 * 1.3}
+                    if self.custom is not None:
+                        models[m]["metrics"] = self.custom(ref, self.hardware)
             report["telemetry"] = [{"start": self._window_start, "end": now, "requests": n * len(self.active),
                                     "cpu_percent": 40.0, "memory_bytes": 5e8, "models": models}]
         self._window_start = now
