@@ -158,7 +158,8 @@ for _name, _doc in (("pause", "Stop taking decisions (devices keep what they run
 @click.option("--timeout", "timeout", default="2h", show_default=True, help="Give up after this long (exit 3).")
 @click.option("--interval", default="5s", show_default=True, help="How often to look.")
 def wait(client: Any, as_json: bool, rollout_id: str, timeout: str, interval: str) -> None:
-    """Wait until the rollout is final: exit 0 succeeded, 1 rolled back/aborted, 2 paused, 3 timed out."""
+    """Wait until the rollout is final (and any rollback assigned): exit 0 succeeded, 1 rolled back/aborted,
+    2 paused, 3 timed out."""
     deadline = time.monotonic() + _seconds(timeout)
     last = ""
     while True:
@@ -167,7 +168,7 @@ def wait(client: Any, as_json: bool, rollout_id: str, timeout: str, interval: st
         if line != last and not as_json:
             click.echo(f"{_cell(time.time())} {line}", err=True)
             last = line
-        if out["status"] in EXIT:
+        if out["status"] in EXIT and (out["settled"] or out["status"] == "paused"):
             if as_json:
                 click.echo(json.dumps(out, indent=2, sort_keys=True))
             sys.exit(EXIT[out["status"]])

@@ -174,6 +174,8 @@ def view(r: Rollout, counts: dict[int, tuple[int, int]] | None = None,
         "stage_started_at": r.stage_started_at, "devices": taken, "evaluation": r.evaluation,
         "selector": {"labels": spec.labels} if not spec.devices else {"devices": list(spec.devices)},
         "gates": r.spec["gates"], "lease_owner": r.lease_owner,
+        #: final, and every device's assignment already matches it (the rollback is assigned)
+        "settled": r.settled,
     }
     if events is not None:
         out["events"] = [{"at": e.at, "actor": e.actor, "kind": e.kind, "stage": e.stage, "detail": e.detail}

@@ -97,6 +97,12 @@ async def test_two_processes_one_decider_and_ci_exit_codes(
                         break
                     await asyncio.sleep(0.2)
                 assert {tuple(d.active) for d in devices} == {("demo@2.0.0",)}
+                for _ in range(100):  # the rollback's audit event commits right after the assignments
+                    status, body = await link_a._json("GET", f"/api/v1/rollouts/{slow}", admin)
+                    if body["settled"]:
+                        break
+                    await asyncio.sleep(0.1)
+                assert body["settled"]
                 human = (await _cli("fleet", "rollout", "show", slow, *flags)).stdout
                 assert "aborted" in human and "rollback_assigned" in human
             finally:

@@ -118,7 +118,7 @@ async def _until_final(w: World, rollout_id: str, timeout_s: float = 60) -> dict
         status, body = await w.call("GET", f"/api/v1/rollouts/{rollout_id}")
         assert status == 200, body
         seen_max[body["stage"]] = max(seen_max.get(body["stage"], 0), body["devices"])
-        if body["status"] in ("succeeded", "rolled_back", "aborted"):
+        if body["settled"]:  # final, and the rollback (if any) assigned
             body["seen_max"] = seen_max
             return dict(body)
         await asyncio.sleep(0.2)
@@ -152,7 +152,7 @@ async def _good_then_bad(w: World) -> None:
     assert good["devices"] == 200 and [s["devices"] for s in good["stages"]] == [1, 10, 50, 200]
     assert _kinds(good["events"]) == [("created", 0), ("assigned", 0), ("promoted", 0), ("assigned", 1),
                                       ("promoted", 1), ("assigned", 2), ("promoted", 2), ("assigned", 3),
-                                      ("completed", 3)]
+                                      ("completed", 3)], good["events"]
     promoted = [e for e in good["events"] if e["kind"] == "promoted"]
     for e in promoted:  # each decision carries the figures that made it
         assert {r["verdict"] for r in e["detail"]["results"]} == {"pass"}
@@ -168,13 +168,15 @@ async def _good_then_bad(w: World) -> None:
     assert bad["stage"] == 1 and "jetson-orin" in bad["reason"] and "p95" in bad["reason"]
     assert max(bad["seen_max"].values()) <= 10 and bad["devices"] == 10
     assert _kinds(bad["events"]) == [("created", 0), ("assigned", 0), ("promoted", 0), ("assigned", 1),
-                                     ("halted", 1), ("rollback_assigned", 1)]
+                                     ("halted", 1), ("rollback_assigned", 1)], bad["events"]
     halted = next(e for e in bad["events"] if e["kind"] == "halted")
     failing = [r for r in halted["detail"]["results"] if r["verdict"] == "fail"]
     assert failing and all(r["hardware"] == "jetson-orin" for r in failing)
     p95 = next(r for r in failing if r["gate"] == "p95_ms")
     assert p95["value"] == pytest.approx(3 * SLO_P95_MS) and p95["threshold"] == SLO_P95_MS
-    assert halted["detail"]["figures"]["x86-t4"]["p95_ms"] == pytest.approx(8.0)
+    # the good kind's figures, when some arrived before the halt (it may come first from jetson-orin alone)
+    if "x86-t4" in halted["detail"]["figures"]:
+        assert halted["detail"]["figures"]["x86-t4"]["p95_ms"] == pytest.approx(8.0)
     got_v3 = [d for d in w.devices if any("demo@3.0.0" in h for h in d.history)]
     assert 1 <= len(got_v3) <= 10
     await _settled(w, "demo@2.0.0")  # every device that got v3 runs v2 again
