@@ -131,8 +131,9 @@ class RolloutEngine:
                                        .join(Bundle, Bundle.id == AssignmentItem.bundle_id)
                                        .where(AssignmentItem.device_id.in_(part), Bundle.name == name))
                 previous.update({d: f"{name}@{v}" for d, v in rows.all()})
-            window = {d: now - spec.gates.baseline_window_s for d in new if d in previous}
-            baselines = await figures.device_aggregates(s, window, spec.models)
+            baselines = await figures.device_aggregates(s, [d for d in new if d in previous],
+                                                        now - spec.gates.baseline_window_s, spec.models,
+                                                        [m.name for m in spec.gates.metrics])
         kinds = dict(pool)
         async with self.db.transaction() as s:
             await cas(s, r.id, r.version)
@@ -204,15 +205,12 @@ class RolloutEngine:
                 states.update(dict(rows.all()))
         statuses: list[gates.DeviceStatus] = []
         newly: list[str] = []
-        converged_at: dict[str, float] = {}
         for m in members:
             state = states.get(m.device_id) or {}
             entry = next((b for b in state.get("bundles") or [] if b.get("ref") == spec.bundle), None)
             on_new = entry is not None and bool(entry.get("active"))
             if on_new and m.converged_at is None:
                 newly.append(m.device_id)
-            if on_new or m.converged_at is not None:
-                converged_at[m.device_id] = m.converged_at if m.converged_at is not None else now
             statuses.append(gates.DeviceStatus(
                 hardware=m.hardware, converged=on_new,
                 install_failed=not on_new and now - m.assigned_at > g.install_timeout_s,
@@ -223,14 +221,10 @@ class RolloutEngine:
                 await s.execute(update(RolloutDevice).where(RolloutDevice.rollout_id == r.id,
                                                             RolloutDevice.device_id.in_(newly))
                                 .values(converged_at=now))
-        since = {d: max(t, r.stage_started_at) for d, t in converged_at.items()}
         async with self.db.read() as s:
-            per_device = await figures.device_aggregates(s, since, spec.models)
-        kinds = {m.device_id: m.hardware for m in members}
-        new: dict[str, gates.Aggregate] = {}
+            new = await figures.stage_aggregates(s, r.id, r.stage_started_at, spec.models,
+                                                 [m.name for m in g.metrics])
         base: dict[str, gates.Aggregate] = {}
-        for d, a in per_device.items():
-            new.setdefault(kinds[d], gates.Aggregate()).add(a)
         for m in members:
             if m.baseline:
                 base.setdefault(m.hardware, gates.Aggregate()).add(gates.Aggregate.from_dict(m.baseline))

@@ -1,7 +1,8 @@
 """Reading what the gates judge: device states, hardware kinds and telemetry aggregates per version.
 
-Telemetry points are stored per device (`fleet.reports`); here they are summed
-per bundle version across the devices of a rollout: a device's points count
+Telemetry points are stored per device (`fleet.reports`); here the database sums
+them per bundle version across the devices of a rollout (one grouped query, so
+the cost on the event loop does not grow with the points): a device's points count
 for the new version only after it first reported that version active
 (`converged_at`), and for the replaced one from the window before it was
 switched (`baseline`, taken once when the device enters the rollout).
@@ -9,13 +10,15 @@ switched (`baseline`, taken once when the device enters the rollout).
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..db import Device, DeviceLabel, TelemetryPoint
+from ..db import Device, DeviceLabel, RolloutDevice, TelemetryPoint
 from .gates import Aggregate
 
 CHUNK = 500
@@ -56,45 +59,60 @@ async def pool(s: AsyncSession, labels: dict[str, str], devices: Sequence[str],
                                  hardware_label)) for r in rows]
 
 
-def point_aggregate(metrics: dict[str, float], models: Sequence[str]) -> Aggregate:
-    """One telemetry point's figures for the bundle's models."""
-    a = Aggregate()
-    for m in models:
-        pre = f"models.{m}."
-        n = metrics.get(pre + "requests", 0.0)
-        if n <= 0:
-            continue
-        a.requests += n
-        a.errors += metrics.get(pre + "errors", 0.0)
-        a.nan_count += metrics.get(pre + "nan_count", 0.0)
-        p95 = metrics.get(pre + "p95_ms")
-        if p95 is not None:
-            a.p95_weighted += p95 * n
-            a.p95_max = max(a.p95_max, p95)
-        for key, v in metrics.items():
-            if key.startswith(pre + "metrics."):
-                name = key[len(pre) + 8:]
-                a.metrics[name] = a.metrics.get(name, 0.0) + v * n
-    return a
+def _sums(models: Sequence[str], metrics: Sequence[str]) -> list[Any]:
+    """Aggregate columns over telemetry points, computed by the database (no JSON reaches Python).
+
+    Per model m of the bundle: requests, errors and NaNs summed; p95 weighted by
+    requests (p95_weighted / requests is the request-weighted mean) and its
+    maximum; custom metrics weighted likewise. Missing keys count as 0. Columns:
+    requests, errors, nan_count, p95_weighted, devices, one p95 max per model,
+    one weighted sum per metric (`_aggregate` reads them in that order).
+    """
+    def z(key: str) -> Any:
+        return func.coalesce(TelemetryPoint.metrics[key].as_float(), 0.0)
+
+    def total(parts: Iterable[Any]) -> Any:
+        return functools.reduce(operator.add, parts, literal(0.0))
+
+    req = {m: z(f"models.{m}.requests") for m in models}
+    requests = total(req.values())
+    return [
+        func.sum(requests), func.sum(total(z(f"models.{m}.errors") for m in models)),
+        func.sum(total(z(f"models.{m}.nan_count") for m in models)),
+        func.sum(total(z(f"models.{m}.p95_ms") * req[m] for m in models)),
+        func.count(func.distinct(case((requests > 0, TelemetryPoint.device_id)))),
+        *(func.max(z(f"models.{m}.p95_ms")) for m in models),
+        *(func.sum(total(z(f"models.{m}.metrics.{name}") * req[m] for m in models)) for name in metrics),
+    ]
 
 
-async def device_aggregates(s: AsyncSession, since: dict[str, float], models: Sequence[str],
-                            until: dict[str, float] | None = None) -> dict[str, Aggregate]:
-    """Per device: its points with `since[d] < ts` (and `ts <= until[d]` when given)."""
+def _aggregate(row: Sequence[Any], models: Sequence[str], metrics: Sequence[str]) -> Aggregate:
+    n = len(models)
+    maxima = [float(v or 0) for v in row[5:5 + n]]
+    return Aggregate(requests=float(row[0] or 0), errors=float(row[1] or 0), nan_count=float(row[2] or 0),
+                     p95_weighted=float(row[3] or 0), p95_max=max(maxima, default=0.0), devices=int(row[4] or 0),
+                     metrics={name: float(row[5 + n + i] or 0) for i, name in enumerate(metrics)})
+
+
+async def stage_aggregates(s: AsyncSession, rollout_id: str, since: float, models: Sequence[str],
+                           metrics: Sequence[str]) -> dict[str, Aggregate]:
+    """Per hardware kind: the rollout's devices' points after `since` and after each one converged."""
+    rows = await s.execute(
+        select(RolloutDevice.hardware, *_sums(models, metrics))
+        .join(TelemetryPoint, TelemetryPoint.device_id == RolloutDevice.device_id)
+        .where(RolloutDevice.rollout_id == rollout_id, RolloutDevice.converged_at.is_not(None),
+               TelemetryPoint.ts > since, TelemetryPoint.ts > RolloutDevice.converged_at)
+        .group_by(RolloutDevice.hardware))
+    return {r[0]: _aggregate(r[1:], models, metrics) for r in rows.all() if r[1]}
+
+
+async def device_aggregates(s: AsyncSession, ids: Sequence[str], since: float, models: Sequence[str],
+                            metrics: Sequence[str]) -> dict[str, Aggregate]:
+    """Per device: its points after `since` (the replaced version's baseline before a switch)."""
     out: dict[str, Aggregate] = {}
-    ids = sorted(since)
-    for part in chunks(ids):
-        lo = min(since[d] for d in part)
-        rows = await s.execute(select(TelemetryPoint.device_id, TelemetryPoint.ts, TelemetryPoint.metrics)
-                               .where(TelemetryPoint.device_id.in_(part), TelemetryPoint.ts > lo))
-        for device_id, ts, metrics in rows.all():
-            if ts <= since[device_id] or (until is not None and ts > until[device_id]):
-                continue
-            a = point_aggregate(metrics, models)
-            if a.requests:
-                mine = out.setdefault(device_id, Aggregate())
-                a.devices = 0
-                mine.add(a)
-    for a in out.values():
-        a.devices = 1
+    for part in chunks(list(ids)):
+        rows = await s.execute(select(TelemetryPoint.device_id, *_sums(models, metrics))
+                               .where(TelemetryPoint.device_id.in_(part), TelemetryPoint.ts > since)
+                               .group_by(TelemetryPoint.device_id))
+        out.update({r[0]: _aggregate(r[1:], models, metrics) for r in rows.all() if r[1]})
     return out
