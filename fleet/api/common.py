@@ -131,11 +131,6 @@ def _no_constants(name: str) -> Any:
 
 async def read_json(request: web.Request, schema: str) -> dict[str, Any]:
     """Parse and validate a JSON body against a published schema; an empty body is {}."""
-    return await read_json_with(request, validator(schema))
-
-
-async def read_json_with(request: web.Request, check: Any) -> dict[str, Any]:
-    """`read_json` against any jsonschema validator (routes outside the core API bring their own)."""
     limit = fleet(request).config.max_json_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(limit)
@@ -150,7 +145,7 @@ async def read_json_with(request: web.Request, check: Any) -> dict[str, Any]:
         except (ValueError, RecursionError) as e:
             raise InvalidRequest(f"body is not valid JSON: {str(e)[:200]}") from None
     _check_strings(data)
-    error = best_match(check.iter_errors(data))
+    error = best_match(validator(schema).iter_errors(data))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "body"
         raise InvalidRequest(f"{where}: {error.message[:300]}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, cast
 
 from aiohttp import web
-from jsonschema import Draft202012Validator
 
-from ..api.common import principal, read_json_with
+from ..api import openapi
+from ..api.common import principal, read_json
 from ..auth import READ, WRITE, authorize
 from ..errors import InvalidRequest
 from . import machine
@@ -45,7 +45,32 @@ CREATE_SCHEMA: dict[str, Any] = {
             "metrics": {"type": "object", "maxProperties": 16, "additionalProperties": {
                 "type": "object", "additionalProperties": False,
                 "properties": {"min": {"type": "number"}, "max": {"type": "number"}}}}}}}}
-_CREATE = Draft202012Validator(CREATE_SCHEMA)
+_ID = {"name": "rollout_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}
+_ACTION = {"name": "action", "in": "path", "required": True,
+           "schema": {"enum": ["pause", "resume", "abort", "promote"]}}
+_STATUS = {"name": "status", "in": "query", "required": False,
+           "schema": {"enum": ["running", "paused", "succeeded", "rolled_back", "aborted"]}}
+
+
+def _publish() -> None:
+    """Add the rollout endpoints to the fleet's OpenAPI document (served, validated and fuzzed like the rest)."""
+    openapi.SCHEMAS["RolloutCreate"] = CREATE_SCHEMA
+    op = openapi._op
+    openapi.DOCUMENT["paths"].update({
+        "/api/v1/rollouts": {
+            "get": op("List rollouts, newest first", params=[_STATUS], errors=("400", "401", "403")),
+            "post": op("Start a staged rollout of a bundle version", "201", body="RolloutCreate",
+                       errors=("400", "401", "403", "404", "409")),
+        },
+        "/api/v1/rollouts/{rollout_id}": {"parameters": [_ID], "get": op(
+            "A rollout: stages, latest gate evaluation, audit log")},
+        "/api/v1/rollouts/{rollout_id}/{action}": {"parameters": [_ID, _ACTION], "post": op(
+            "Operator action: pause, resume, abort (with rollback), promote (skip this stage's gates)",
+            errors=("400", "401", "403", "404", "409"))},
+    })
+
+
+_publish()
 
 
 def engine(request: web.Request) -> RolloutEngine:
@@ -72,7 +97,7 @@ async def show(request: web.Request, rollout_id: str) -> dict[str, Any]:
 async def create(request: web.Request) -> web.Response:
     p = await principal(request)
     authorize(p, WRITE)
-    body = await read_json_with(request, _CREATE)
+    body = await read_json(request, "RolloutCreate")
     e = engine(request)
     r = await e.store.create(body, p.id)
     e.kick()
