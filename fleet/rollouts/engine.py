@@ -37,6 +37,8 @@ from .spec import Spec
 from .store import RolloutStore, Stale, cas, event, state_of
 
 log = logging.getLogger(__name__)
+#: Passes of one step over one rollout: fill, reconcile, decide; again after a stage change.
+_MAX_PASSES = 8
 
 
 class Nudger(Protocol):
@@ -98,7 +100,7 @@ class RolloutEngine:
         self.ticks += 1
 
     async def step(self, rollout_id: str) -> None:
-        for _ in range(len(machine.FINAL) + 8):  # a promotion fills the next stage at once
+        for _ in range(_MAX_PASSES):  # a promotion fills the next stage at once
             r = await self.store.get(rollout_id)
             if r.lease_owner != self.owner:
                 return

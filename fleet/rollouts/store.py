@@ -60,7 +60,7 @@ class RolloutStore:
             busy = (await s.execute(select(Rollout.id).where(Rollout.bundle_name == name,
                                                              Rollout.status.in_(machine.ACTIVE)))).first()
             if busy is not None:
-                raise Conflict(f"rollout {busy[0]} of {name} is still active; finish, pause+abort it first")
+                raise Conflict(f"rollout {busy[0]} of {name} is still active; let it finish or abort it first")
             now = time.time()
             row = Rollout(id=new_id(), bundle_name=name, bundle_version=version, spec=spec.to_dict(),
                           status="running", stage=0, stage_started_at=now, failed_evaluations=0, reason="starting",

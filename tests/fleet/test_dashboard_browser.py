@@ -127,9 +127,12 @@ async def test_dashboard_in_chromium(fleet_with_rollout: dict[str, Any], browser
     assert "20" in await page.inner_text("h1")
     text = await page.inner_text("#devices")
     assert "jetson-orin-0" in text and "x86-t4-11" in text and "demo@" in text and "tensorrt" in text
-    await page.goto(f"{url}/dashboard/devices?label=hardware%3Djetson-orin")
-    assert await rows.count() == 8
     await page.screenshot(path=str(artifacts / "devices.png"), full_page=True)
+    await page.fill("input[name=label]", "hardware=jetson-orin")
+    await page.click("form.filter button")
+    await page.wait_for_url(f"{url}/dashboard/devices?label=hardware%3Djetson-orin")
+    assert await rows.count() == 8
+    await page.screenshot(path=str(artifacts / "devices-filtered.png"), full_page=True)
     await page.click("#devices tbody tr:first-child a")
     await page.wait_for_selector("#latency-chart canvas")  # uPlot drew it
     await page.screenshot(path=str(artifacts / "device.png"), full_page=True)
