@@ -53,6 +53,9 @@ class BuildOptions:
     description: str = ""
     slo_p95_ms: float | None = None
     slo_max_error_rate: float = 0.01
+    slo_max_nan_rate: float | None = None
+    #: Custom metrics the rollout gates read: ({"name": ..., "min"/"max": ...}, ...).
+    metrics: tuple[dict[str, Any], ...] = ()
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     engines: tuple[EngineKind, ...] = mf.DEFAULT_ENGINES
@@ -288,7 +291,9 @@ def build(
             "service": {
                 "owner": opts.owner,
                 "description": opts.description,
-                "slo": {"p95_latency_ms": opts.slo_p95_ms, "max_error_rate": opts.slo_max_error_rate},
+                "slo": {"p95_latency_ms": opts.slo_p95_ms, "max_error_rate": opts.slo_max_error_rate,
+                        **({"max_nan_rate": opts.slo_max_nan_rate} if opts.slo_max_nan_rate is not None else {})},
+                **({"metrics": [dict(m) for m in opts.metrics]} if opts.metrics else {}),
             },
         }
         manifest = mf.from_dict(doc, MANIFEST_NAME)

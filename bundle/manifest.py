@@ -92,6 +92,18 @@ class Constraints:
 class Slo:
     p95_latency_ms: float | None = None
     max_error_rate: float = 0.01
+    #: Share of requests allowed to produce NaN/Inf outputs; None leaves it to the fleet's default.
+    max_nan_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class CustomMetric:
+    """A metric the model's users count (agents report it per window); rollouts gate on its bounds."""
+
+    name: str
+    description: str = ""
+    min: float | None = None
+    max: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,7 @@ class Service:
     owner: str = ""
     description: str = ""
     slo: Slo = field(default_factory=Slo)
+    metrics: tuple[CustomMetric, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,14 @@ class Manifest:
             for t in (*m["inputs"], *m["outputs"]):
                 if t["source"] is None:  # plain tensors keep the schema-1 form
                     del t["source"]
+        # Optional fields left unset are left out, so manifests that do not use them keep their bytes.
+        if not raw["service"]["metrics"]:
+            del raw["service"]["metrics"]
+        else:
+            raw["service"]["metrics"] = [{k: v for k, v in m.items() if v is not None}
+                                         for m in raw["service"]["metrics"]]
+        if raw["service"]["slo"]["max_nan_rate"] is None:
+            del raw["service"]["slo"]["max_nan_rate"]
         return cast(dict[str, Any], json.loads(json.dumps(raw)))  # tuples -> lists
 
     def to_json(self) -> bytes:
@@ -233,11 +254,18 @@ def from_dict(doc: dict[str, Any], path: str = MANIFEST_NAME) -> Manifest:
             precision=sv["precision"],
         ),
         constraints=Constraints(tuple(c["architectures"]), c.get("min_compute_capability")),
-        service=Service(s["owner"], s["description"], Slo(s["slo"]["p95_latency_ms"], s["slo"]["max_error_rate"])),
+        service=_service(s),
         samples=doc.get("samples"),
         assets=tuple(doc.get("assets", [])),
         schema_version=doc["schema_version"],
     )
+
+
+def _service(s: dict[str, Any]) -> Service:
+    slo = Slo(s["slo"]["p95_latency_ms"], s["slo"]["max_error_rate"], s["slo"].get("max_nan_rate"))
+    metrics = tuple(CustomMetric(m["name"], m.get("description", ""), m.get("min"), m.get("max"))
+                    for m in s.get("metrics", []))
+    return Service(s["owner"], s["description"], slo, metrics)
 
 
 def parse(data: bytes, path: str = MANIFEST_NAME) -> Manifest:

@@ -53,13 +53,27 @@ def _db_url(db: str | None, data: pathlib.Path) -> str:
               help="Enrollment attempts allowed per client address and minute.")
 @click.option("--loop", "loop_name", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
               show_default=True, help="Event loop: auto uses uvloop where installed.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=pathlib.Path),
+              help="PEM certificate chain: serve HTTPS (with --tls-key).")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=pathlib.Path),
+              help="PEM private key of --tls-cert.")
+@click.option("--rollout-interval", "rollout_interval", default="5s", show_default=True,
+              help="How often rollout gates are evaluated (keep at or under the devices' report period).")
+@click.option("--nudge-mqtt", "nudge_mqtt", default="",
+              help="mqtt://host:port of the devices' broker: wake devices when a rollout changes their assignment.")
 def serve_cmd(db_url: str | None, data_dir: pathlib.Path, host: str, port: int, trust: tuple[pathlib.Path, ...],
-              max_bundle_bytes: int, enroll_per_minute: int, loop_name: str) -> None:
+              max_bundle_bytes: int, enroll_per_minute: int, loop_name: str, tls_cert: pathlib.Path | None,
+              tls_key: pathlib.Path | None, rollout_interval: str, nudge_mqtt: str) -> None:
     """Run the fleet server until SIGTERM/SIGINT."""
+    from .config import RolloutConfig
     from .server import serve
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
     config = ServerConfig(data_dir=data_dir, db_url=_db_url(db_url, data_dir), host=host, port=port,
                           trust_keys=trust, max_bundle_bytes=max_bundle_bytes,
-                          enroll_attempts_per_minute=enroll_per_minute)
+                          enroll_attempts_per_minute=enroll_per_minute, tls_cert=tls_cert, tls_key=tls_key,
+                          rollouts=RolloutConfig(eval_interval_s=_seconds(rollout_interval),
+                                                 nudge_mqtt_url=nudge_mqtt))
     _run(serve(config), loop_name)
 
 
@@ -273,3 +287,11 @@ def revoke(client: Any, as_json: bool, ref: str, reason: str) -> None:
     name, version = parse_ref(ref)
     out = client.request("POST", f"/api/v1/bundles/{_q(name)}/{_q(version)}/revoke", {"reason": reason})
     _emit(out, as_json, lambda: click.echo(f"revoked {out['ref']}; {out['devices_told']} device(s) told"))
+
+
+def _register_subcommands() -> None:
+    """Command groups that live beside their feature (imported last: they use the helpers above)."""
+    from .rollouts import commands as _rollouts  # noqa: F401
+
+
+_register_subcommands()

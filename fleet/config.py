@@ -42,6 +42,18 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    #: How often the rollout engine evaluates gates; keep it at or under the devices' report period.
+    eval_interval_s: float = 5.0
+    #: A process that stops renewing its lease on a rollout loses it after this long.
+    lease_s: float = 30.0
+    #: mqtt://host:port (or mqtts://) of a broker the devices listen on; empty: no nudges.
+    nudge_mqtt_url: str = ""
+    #: Topic per device: the fleet publishes {"serial": N} there when its assignment changed.
+    nudge_topic: str = "outpost/devices/{device_id}/nudge"
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     data_dir: pathlib.Path
     db_url: str = ""
@@ -62,6 +74,10 @@ class ServerConfig:
     #: reach every process within `change_poll_s` anyway; this bounds trust when they cannot.
     credential_cache_s: float = 600.0
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    rollouts: RolloutConfig = field(default_factory=RolloutConfig)
+    #: PEM certificate chain and key: the fleet then serves HTTPS only.
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
 
     @property
     def database_url(self) -> str:

@@ -103,6 +103,10 @@ class ReportBatcher:
             if fut.done():
                 continue
             try:
-                fut.set_result(await self.reports.ingest(device_id, report))
+                result = await self.reports.ingest(device_id, report)
             except Exception as e:
-                fut.set_exception(e)
+                if not fut.done():  # the client may have gone (request cancelled) meanwhile
+                    fut.set_exception(e)
+            else:
+                if not fut.done():
+                    fut.set_result(result)

@@ -48,6 +48,10 @@ def flatten_window(window: dict[str, Any]) -> dict[str, float]:
         for key, v in stats.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 out[f"models.{model}.{key}"] = float(v)
+        # custom metrics the bundle declares (rollout gates read them): models.NAME.metrics.METRIC
+        for key, v in (stats.get("metrics") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out[f"models.{model}.metrics.{key}"] = float(v)
     return out
 
 

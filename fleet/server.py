@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,25 +23,42 @@ from runtime.sdnotify import Notifier
 
 from .api import FLEET, build_app
 from .config import ServerConfig
+from .dashboard import routes as dashboard_routes
+from .rollouts import RolloutEngine
+from .rollouts.api import ENGINE
+from .rollouts.api import routes as rollout_routes
+from .rollouts.nudge import MqttNudger
 from .service import Fleet
 
 
 def make_app(config: ServerConfig) -> web.Application:
     app = build_app()
+    app.add_routes(rollout_routes)
 
     async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         fleet = await Fleet.open(config)
         app[FLEET] = fleet
+        rc = config.rollouts
+        nudger = MqttNudger(rc.nudge_mqtt_url, rc.nudge_topic) if rc.nudge_mqtt_url else None
+        engine = RolloutEngine(fleet.db, fleet.assignments, rc, nudger)
+        app[ENGINE] = engine
+        task = asyncio.create_task(engine.run(), name="fleet-rollouts")
         try:
             async with fleet.run_background():
                 yield
         finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if nudger is not None:
+                nudger.close()
             await fleet.close()
 
     async def _on_shutdown(app: web.Application) -> None:
         app[FLEET].notifier.close()
 
     app.cleanup_ctx.append(_fleet_ctx)
+    dashboard_routes.setup(app)  # after the fleet: its context reads the fleet's key directory
     app.on_shutdown.append(_on_shutdown)
     return app
 
@@ -54,19 +72,32 @@ class Running:
         await self.runner.cleanup()
 
 
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """HTTPS when a certificate and key are configured (TLS 1.2+, the stdlib's secure defaults)."""
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    return ctx
+
+
 async def start(config: ServerConfig) -> Running:
+    tls = tls_context(config)
     runner = web.AppRunner(make_app(config), access_log=None, shutdown_timeout=5.0,
                            handler_cancellation=True)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port, backlog=4096)
+        site = web.TCPSite(runner, config.host, config.port, backlog=4096, ssl_context=tls)
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
     host, port = runner.addresses[0][:2]
     shown = f"[{host}]" if ":" in host else host
-    return Running(runner, f"http://{shown}:{port}")
+    return Running(runner, f"{'https' if tls else 'http'}://{shown}:{port}")
 
 
 async def serve(config: ServerConfig) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian/Ubuntu machine: system packages that are
-# missing (python3-venv, mosquitto, postgresql, systemd, wrk), then a virtual environment
+# missing (python3-venv, mosquitto, postgresql, systemd, chromium, wrk), then a virtual environment
 # in .venv with Outpost installed in editable mode.
 #   OUTPOST_EXTRAS  pip extras to install (default: cpu,fleet,dev)
 #   OUTPOST_GPU=1   install the gpu extra instead of cpu (onnxruntime-gpu, TensorRT)
@@ -29,6 +29,8 @@ command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 # tests/systemd: systemd-analyze verify/security on the units, systemctl --root for install.sh
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+# the dashboard's browser tests drive Debian's chromium through Playwright (never a downloaded browser)
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 if [ ! -x .venv/bin/python ]; then

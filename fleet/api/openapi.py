@@ -45,7 +45,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Health": {"type": "object", "required": ["status"], "additionalProperties": False, "properties": {
         "status": {"enum": ["ok", "degraded", "failing"]}, "detail": {"type": "string", "maxLength": 2000}}},
     "ModelStats": {"type": "object", "additionalProperties": False, "properties": {
-        k: _NUM for k in ("requests", "errors", "nan_count", "p50_ms", "p95_ms", "p99_ms")}},
+        **{k: _NUM for k in ("requests", "errors", "nan_count", "p50_ms", "p95_ms", "p99_ms")},
+        # the window's values of the custom metrics the bundle's manifest declares (service.metrics)
+        "metrics": {"type": "object", "maxProperties": 16, "propertyNames": {"pattern": "^[a-z][a-z0-9_]{0,62}$"},
+                    "additionalProperties": {"type": "number", "minimum": -1e15, "maximum": 1e15}}}},
     "TelemetryWindow": {"type": "object", "additionalProperties": False, "properties": {
         "start": {"type": "number", "minimum": 0, "maximum": 1e11},
         "end": {"type": "number", "minimum": 0, "maximum": 1e11},

@@ -11,10 +11,13 @@ from .models import (
     EnrollToken,
     OperatorToken,
     Revocation,
+    Rollout,
+    RolloutDevice,
+    RolloutEvent,
     TelemetryPoint,
 )
 
 __all__ = [
     "AssignmentItem", "Base", "Bundle", "Database", "Device", "DeviceBundle", "DeviceLabel", "EnrollToken",
-    "OperatorToken", "Revocation", "TelemetryPoint", "open_database",
+    "OperatorToken", "Revocation", "Rollout", "RolloutDevice", "RolloutEvent", "TelemetryPoint", "open_database",
 ]

@@ -125,3 +125,67 @@ class TelemetryPoint(Base):
         Index("ix_telemetry_device_ts", "device_id", "ts"),
         Index("ix_telemetry_resolution_ts", "resolution_s", "ts"),
     )
+
+
+class Rollout(Base):
+    """A staged rollout of one bundle version; the pure machine's state plus the lease that guards it.
+
+    `version` grows by one with every change (compare-and-swap: a write names the
+    version it read); `lease_owner`/`lease_until` say which fleet process runs the
+    rollout's engine now, so two processes never both act on it.
+    """
+
+    __tablename__ = "rollouts"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    bundle_name: Mapped[str] = mapped_column(String(128), index=True)
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    #: Selector, stages and resolved gates, as created (never changes).
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[int] = mapped_column(Integer, default=0)
+    stage_started_at: Mapped[float] = mapped_column(Float)
+    failed_evaluations: Mapped[int] = mapped_column(Integer, default=0)
+    #: Why the rollout waits or stopped, in words (shown beside the status).
+    reason: Mapped[str] = mapped_column(Text, default="")
+    #: The latest gate evaluation, for the dashboard and `rollout show`.
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(32))
+    updated_at: Mapped[float] = mapped_column(Float)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
+    #: Final and every device's assignment matches it: no process needs to look at it again.
+    settled: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+
+
+class RolloutDevice(Base):
+    """One device taken into a rollout: when, in which stage, and what it ran before."""
+
+    __tablename__ = "rollout_devices"
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True,
+                                           index=True)
+    stage: Mapped[int] = mapped_column(Integer)
+    hardware: Mapped[str] = mapped_column(String(200))
+    #: The version of the same bundle it was assigned before (rollback target); None: none.
+    previous_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    assigned_at: Mapped[float] = mapped_column(Float)
+    #: First time it reported the new version active.
+    converged_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Telemetry of the replaced version on this device just before the switch (gate baseline).
+    baseline: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
+
+
+class RolloutEvent(Base):
+    """The audit log: every decision and operator action, with the figures behind it."""
+
+    __tablename__ = "rollout_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), index=True)
+    at: Mapped[float] = mapped_column(Float)
+    #: "engine:<process>" or the operator token id.
+    actor: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(32))
+    stage: Mapped[int] = mapped_column(Integer)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)

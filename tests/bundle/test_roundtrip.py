@@ -271,3 +271,23 @@ def test_unverified_loader_still_checks_the_manifest_hashes(make_bundle: MakeBun
     model.unlink()
     with pytest.raises(errors.MissingFile):
         bundle.load_unverified(b)
+
+
+def test_custom_metrics_and_nan_slo_are_optional_and_round_trip(tmp_path: pathlib.Path,
+                                                                model_paths: dict[str, pathlib.Path]) -> None:
+    plain = bundle.build([model_paths["mlp"]], tmp_path / "plain", bundle.BuildOptions(name="m", version="1.0.0"))
+    doc = plain.to_dict()
+    assert "metrics" not in doc["service"] and "max_nan_rate" not in doc["service"]["slo"]  # old bytes kept
+    opts = bundle.BuildOptions(name="m", version="2.0.0", slo_max_nan_rate=0.002,
+                               metrics=({"name": "defects_found", "description": "per frame", "min": 0.1},))
+    rich = bundle.build([model_paths["mlp"]], tmp_path / "rich", opts)
+    assert rich.service.slo.max_nan_rate == 0.002
+    assert rich.service.metrics == (bundle.CustomMetric("defects_found", "per frame", 0.1, None),)
+    again = bundle.load_manifest(tmp_path / "rich")
+    assert again == rich
+    from bundle.errors import ManifestSchemaError
+    from bundle.manifest import from_dict
+    bad = rich.to_dict()
+    bad["service"]["metrics"] = [{"name": "Bad Name"}]
+    with pytest.raises(ManifestSchemaError, match="metrics"):
+        from_dict(bad)

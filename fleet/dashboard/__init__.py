@@ -1,0 +1,1 @@
+"""The fleet dashboard at /dashboard/: server-rendered pages over the same services as the API."""
