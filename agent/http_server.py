@@ -29,6 +29,7 @@ from . import protocol
 from .config import ServerConfig
 from .dataplane import DataPlane, deadline_after
 from .errors import AgentError, InvalidRequest, PayloadTooLarge, Unauthorized, Unavailable
+from .shm import routes as shm  # [shm] Triton's system shared-memory extension
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _json(doc: object, status: int = 200) -> web.Response:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return _json(request.app[DATAPLANE].server_metadata())
+    return _json(shm.advertise(request.app, request.app[DATAPLANE].server_metadata()))  # [shm]
 
 
 async def health_live(request: web.Request) -> web.Response:
@@ -106,9 +107,11 @@ async def infer(request: web.Request) -> web.Response:
         _check_content_type(request)
         deadline = _deadline(request, sm.config.timeout_ms)
         body = await _read_body(request, config)
-        req = protocol.decode_request(body, request.headers.get(HEADER_LENGTH))
+        regions = shm.regions_for(request)  # [shm] None unless --shared-memory
+        req = protocol.decode_request(body, request.headers.get(HEADER_LENGTH), regions.input_view if regions else None)
+        placement = regions.plan_outputs(req) if regions else None  # [shm] 400 before any compute
         response = await dp.infer(model, sm.version, req, deadline)  # the version resolved above
-        encoded = protocol.encode_response(response)
+        encoded = protocol.encode_response(placement.write(response) if placement else response)  # [shm]
     except AgentError as e:
         return error_response(e)
     if encoded.header_length is None:
@@ -187,6 +190,7 @@ def create_app(dataplane: DataPlane, config: ServerConfig) -> web.Application:
         r.add_get(base, model_metadata)
         r.add_get(base + "/ready", model_ready)
         r.add_post(base + "/infer", infer)
+    shm.install(app, config.shared_memory, owner_by_token=bool(config.token))  # [shm]
     r.add_route("*", "/{tail:.*}", not_found)
     return app
 
