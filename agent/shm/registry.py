@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from agent.errors import InvalidRequest
 
 #: where Linux keeps POSIX shared-memory objects (shm_open's namespace)
@@ -38,7 +40,26 @@ class Region:
     path: pathlib.Path
     identity: tuple[int, int]  # (st_dev, st_ino): the object registered, not whatever has its name now
     readable: mmap.mmap
+    #: kept open (read-only) so that each use costs one fstat, not a path lookup
+    fd: int
     _writable: mmap.mmap | None = field(default=None, repr=False)
+    _view: memoryview | None = field(default=None, repr=False)
+    _out: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._view = memoryview(self.readable)
+
+    def input_bytes(self, start: int, stop: int) -> memoryview:
+        """Read-only bytes [start, stop) of the object, no copy."""
+        if self._view is None:
+            raise RegionError(f"shared-memory region {self.name!r} was unregistered")
+        return self._view[start:stop]
+
+    def output_bytes(self) -> np.ndarray:
+        """The whole window as writable uint8, for `np.copyto` into a slot (opens the writable mapping)."""
+        if self._out is None:
+            self._out = np.frombuffer(self.writable(), dtype=np.uint8)
+        return self._out
 
     @property
     def end(self) -> int:
@@ -51,13 +72,15 @@ class Region:
     def check_alive(self) -> None:
         """The object still has this name, is the one registered, and still covers the window."""
         try:
-            st = os.stat(self.path, follow_symlinks=False)
-        except FileNotFoundError:
+            st = os.fstat(self.fd)
+        except OSError:
+            raise RegionError(f"shared-memory region {self.name!r} was unregistered") from None
+        if st.st_nlink == 0:  # unlinked: our mapping lives on, but the client's object is gone
+            if os.path.lexists(self.path):
+                raise RegionError(f"shared-memory region {self.name!r}: object {self.key!r} was unlinked and "
+                                  "replaced by another; register the new one")
             raise RegionError(f"shared-memory region {self.name!r}: object {self.key!r} was unlinked; "
-                              "create and register it again") from None
-        if (st.st_dev, st.st_ino) != self.identity:
-            raise RegionError(f"shared-memory region {self.name!r}: object {self.key!r} was unlinked and "
-                              "replaced by another; register the new one")
+                              "create and register it again")
         if st.st_size < self.end:
             raise RegionError(f"shared-memory region {self.name!r}: object {self.key!r} shrank to "
                               f"{st.st_size} bytes, the region needs {self.end}")
@@ -87,6 +110,12 @@ class Region:
 
     def release(self) -> None:
         """Unmap now unless a tensor still views the mapping (then the last view unmaps it)."""
+        view, self._view, self._out = self._view, None, None
+        if view is not None:
+            view.release()
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
         for m in (self.readable, self._writable):
             if m is not None:
                 with contextlib.suppress(BufferError):
@@ -120,9 +149,10 @@ def _map_read_only(name: str, key: str, offset: int, byte_size: int) -> Region:
             raise RegionError(f"shared-memory object {key!r} is {st.st_size} bytes; region {name!r} "
                               f"needs offset {offset} + byte_size {byte_size} = {offset + byte_size}")
         readable = mmap.mmap(fd, offset + byte_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    finally:
+    except BaseException:
         os.close(fd)
-    return Region(name, key, offset, byte_size, path, (st.st_dev, st.st_ino), readable)
+        raise
+    return Region(name, key, offset, byte_size, path, (st.st_dev, st.st_ino), readable, fd)
 
 
 def _non_negative_int(value: object, what: str) -> int:

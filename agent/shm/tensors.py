@@ -11,7 +11,6 @@ bad output reference costs no compute.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,14 +19,14 @@ from typing import Any
 import numpy as np
 
 from agent import protocol
-from agent.protocol import InferRequest, InferResponse
+from agent.protocol import InferRequest, InferResponse, OutputTensor
 
 from .registry import Region, RegionError, RegionTable
 
 REGION, OFFSET, BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Slot:
     """`byte_size` bytes at `offset` within a region."""
 
@@ -73,7 +72,7 @@ class ClientRegions:
         """The input's bytes, read-only, straight from the mapping."""
         s = self.slot("input", tensor, params)
         try:
-            return memoryview(s.region.readable)[s.start:s.stop]
+            return s.region.input_bytes(s.start, s.start + s.byte_size)
         except ValueError:  # unregistered (and unmapped) by another thread just now
             raise RegionError(f"shared-memory region {s.region.name!r} was unregistered") from None
 
@@ -81,6 +80,8 @@ class ClientRegions:
         """Check every output slot before the model runs: bounds, writable, no overlaps."""
         slots = [self.slot("output", o.name, o.parameters)
                  for o in request.outputs or () if REGION in o.parameters]
+        if not slots:
+            return _NOTHING
         by_object: dict[tuple[int, int], list[Slot]] = {}
         for s in slots:
             by_object.setdefault(s.region.identity, []).append(s)
@@ -92,11 +93,11 @@ class ClientRegions:
                                       f"(bytes {b.start}..{min(a.stop, b.stop)} of object {a.region.key!r}); "
                                       "give each output its own slot")
         for s in slots:
-            s.region.writable()
+            s.region.output_bytes()
         return OutputPlacement({s.tensor: s for s in slots})
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OutputPlacement:
     slots: Mapping[str, Slot]
 
@@ -112,18 +113,24 @@ class OutputPlacement:
                 continue
             arr = out.data
             if arr.dtype.kind in "OUS":
-                raw = np.frombuffer(protocol._to_binary(arr), dtype=np.uint8)  # the v2 BYTES framing
-                src, dtype, shape = raw, raw.dtype, raw.shape
+                src = np.frombuffer(protocol._to_binary(arr), dtype=np.uint8)  # the v2 BYTES framing
+            elif arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
+                src = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
             else:
-                src, dtype, shape = arr, arr.dtype.newbyteorder("<"), arr.shape
-            nbytes = int(np.prod(shape)) * dtype.itemsize
+                src = arr
+            nbytes = src.nbytes
             if nbytes > s.byte_size:
                 raise RegionError(f"output {out.name!r} is {nbytes} bytes (shape {list(arr.shape)}); its "
                                   f"shared-memory slot in region {s.region.name!r} holds {s.byte_size}")
-            dst = np.frombuffer(s.region.writable(), dtype=dtype, count=int(np.prod(shape)), offset=s.start)
-            np.copyto(dst.reshape(shape), src, casting="no" if dtype == src.dtype else "equiv")
+            # the mapping starts at byte 0 of the object, so the slot's object offset is its mapping offset
+            np.copyto(s.region.output_bytes()[s.start:s.start + nbytes], src.reshape(-1).view(np.uint8))
             ref = {REGION: s.region.name, BYTE_SIZE: nbytes}
             if s.offset:
                 ref[OFFSET] = s.offset
-            outs.append(dataclasses.replace(out, shared_memory=ref))
-        return dataclasses.replace(response, outputs=tuple(outs))
+            # constructed, not dataclasses.replace'd: a third of this method's time on a small model
+            outs.append(OutputTensor(out.name, arr, out.binary, ref))
+        return InferResponse(response.model_name, response.model_version, tuple(outs), response.id,
+                             response.parameters)
+
+
+_NOTHING = OutputPlacement({})
