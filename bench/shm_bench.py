@@ -135,6 +135,7 @@ def main() -> None:
     running: list[servers.Running] = []
     cells: dict[str, Cell] = {}
     bare_best: list[float] = []
+    bare_cpu: dict[int, list[float]] = {}  # batch -> bare ORT's own CPU ms per image, per run
     try:
         with tempfile.TemporaryDirectory(prefix="shm-bench-") as tmp:
             work = pathlib.Path(tmp)
@@ -199,7 +200,7 @@ def main() -> None:
                     order = group[rep % len(group):] + group[:rep % len(group)]
                     for key in order:
                         if key.startswith("cnn"):  # the limit, right before each CNN run: drift hits both alike
-                            runs = serving_bench.bare_ort(models["cnn"], (1, 8, 16), 1.5)
+                            runs = serving_bench.bare_ort(models["cnn"], (1, 8, 16), 1.5, bare_cpu)
                             bare_best.append(max(runs.values()))
                             print(f"  bare ORT cnn: {', '.join(f'b{b} {v:.0f}/s' for b, v in runs.items())}",
                                   flush=True)
@@ -223,15 +224,17 @@ def main() -> None:
     env = (f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python "
            f"{platform.python_version()}, onnxruntime {ort.__version__}, wrk {args.duration:g} s x "
            f"{args.repeats} per cell; whole run {time.monotonic() - t_start:.0f} s")
-    block = render(env, " ".join(["python bench/shm_bench.py", *sys.argv[1:]]), cells, bare_best)
+    block = render(env, " ".join(["python bench/shm_bench.py", *sys.argv[1:]]), cells, bare_best, bare_cpu)
     print(block)
     if not args.no_readme:
         write_readme(args.readme, block)
         print(f"written to {args.readme}")
 
 
-def render(env: str, command: str, cells: dict[str, Cell], bare_best: list[float]) -> str:
+def render(env: str, command: str, cells: dict[str, Cell], bare_best: list[float],
+           bare_cpu: dict[int, list[float]]) -> str:
     med = statistics.median
+    cheapest = min(med(v) for v in bare_cpu.values())  # bare ORT's CPU ms per image at its most efficient batch
     lines = [BEGIN, "", f"`{command}`, {time.strftime('%Y-%m-%d')}, {env}.", "",
              "| model | request | concurrency | req/s (images/s) | of bare ORT's best | p50 ms | p99 ms | "
              "server CPU ms/req | errors |",
@@ -248,7 +251,7 @@ def render(env: str, command: str, cells: dict[str, Cell], bare_best: list[float
         lines.append(f"| {model} | {desc} | {c} | {med(cell.rps):,.0f} | {ratio} | {med(cell.p50_ms):.3f} | "
                      f"{med(cell.p99_ms):.2f} | {med(cell.cpu_ms):.3f} | {cell.errors} |")
     lines.append(f"| cnn | bare ONNX Runtime, best batch (1/8/16), median of the runs before each CNN row | - | "
-                 f"{med(bare_best):,.0f} | 1.00x | | | | |")
+                 f"{med(bare_best):,.0f} | 1.00x | | | {cheapest:.3f} | |")
     cnn_ratio = med(cells["cnn shm"].of_bare)
     tuned_ratio = med(cells["cnn shm [2x1]"].of_bare)
     mlp_shm, mlp_bin = med(cells["mlp shm"].p50_ms), med(cells["mlp binary"].p50_ms)
@@ -260,6 +263,12 @@ def render(env: str, command: str, cells: dict[str, Cell], bare_best: list[float
               f"({'met' if tuned_ratio >= 0.95 else 'MISSED'}); binary body "
               f"{med(cells['cnn binary [2x1]'].of_bare):.2f}x. (Each ratio is a run's images/s over bare ORT's "
               "best measured just before it, median over the repeats.)",
+              f"- CPU per image, which other processes' load disturbs far less than images/s: bare ORT "
+              f"{cheapest:.2f} ms at its most efficient batch; over shared memory the server spends "
+              f"{med(cells['cnn shm'].cpu_ms):.2f} ms ({cheapest / med(cells['cnn shm'].cpu_ms):.2f}x bare's "
+              f"efficiency), {med(cells['cnn shm [2x1]'].cpu_ms):.2f} ms with `--instances 2 --threads 1` "
+              f"({cheapest / med(cells['cnn shm [2x1]'].cpu_ms):.2f}x); with binary bodies "
+              f"{med(cells['cnn binary'].cpu_ms):.2f} and {med(cells['cnn binary [2x1]'].cpu_ms):.2f} ms.",
               f"- MLP over shared memory, c=1: p50 **{mlp_shm:.3f} ms** against {mlp_bin:.3f} ms over binary HTTP "
               f"(target lower: {'met' if mlp_shm < mlp_bin else 'MISSED'}).",
               "", END]
