@@ -95,3 +95,33 @@ async def test_mosquitto_with_tcp_nodelay_is_fast_and_quiet(dataplane: DataPlane
             assert front.status().broker_round_trip_ms == pytest.approx(rtt.median_ms, abs=1e-3)
     assert warnings_naming_the_fix(caplog) == []
     assert any("round trip" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+
+
+async def test_an_acl_without_the_probe_topics_leaves_the_figure_unknown_and_serving_intact(
+        dataplane: DataPlane, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, "agent.mqtt")
+    prefix = "outpost/dev1"
+    acl = (f"user agent\ntopic read {prefix}/models/+/infer\ntopic write {prefix}/replies/#\n"
+           f"topic readwrite {prefix}/status\n\nuser client\ntopic write {prefix}/models/#\n"
+           f"topic read {prefix}/replies/#\n")
+    users = {"agent": "agent-pw", "client": "client-pw"}
+    with running_broker(tmp_path / "acl", users=users, acl=acl) as broker:
+        async with front_end(dataplane, broker, username="agent", password="agent-pw") as front:
+            collector = MqttCollector(front.status)
+            dataplane.metrics.registry.register(collector)
+            await wait_for(lambda: any("not measured" in r.getMessage() for r in caplog.records), 30,
+                           "the probe to give up")
+            assert front.status().broker_round_trip_ms is None
+            text = dataplane.metrics.exposition()[0].decode()
+            assert "outpost_mqtt_connected 1.0" in text and gauge(dataplane) is None  # no figure, not a zero
+            dataplane.metrics.registry.unregister(collector)
+            assert front.status().connection.state == "connected"  # the probe's refusal is not the agent's
+            requester = Requester(broker.port, username="client", password="client-pw").connect()
+            try:
+                requester.subscribe(f"{REPLIES}/#")
+                await requester.apublish(INFER, GOOD, response_topic=f"{REPLIES}/x", correlation=b"c2")
+                assert (await requester.aget()).user_properties.get("status") == "200"
+            finally:
+                requester.close()
+    assert warnings_naming_the_fix(caplog) == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "probe" in r.getMessage()]
