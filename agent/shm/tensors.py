@@ -1,7 +1,7 @@
 """Tensors by reference: read inputs out of, and write outputs into, one client's regions.
 
 `ClientRegions` is what the protocol decoder calls for an input whose
-parameters name a region (`agent.protocol.TensorRegions`): it returns a
+parameters name a region (`agent.protocol.RegionReader`): it returns a
 read-only view of the slot, which the decoder wraps with `np.frombuffer`,
 so an input is never copied (unless misaligned for its dtype). Outputs are
 planned before the model runs (every slot inside its region, writable, no
