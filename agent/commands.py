@@ -142,12 +142,15 @@ def _live_check(dataplane: DataPlane) -> Callable[[], str | None]:
 @click.option("--drain-timeout-s", default=20.0, show_default=True, type=click.FloatRange(0, 3600))
 @click.option("--loop", "loop_name", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
               show_default=True, help="Event loop: auto uses uvloop where installed.")
+@click.option("--shared-memory", is_flag=True,
+              help="Accept tensors in POSIX shared memory (Triton's system shared-memory extension; local clients).")
 @mqtt_options
 def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tuple[str, ...], token: str | None,
                   tls_cert: str | None, tls_key: str | None, instances: int, threads: int, spin: bool,
                   max_batch_size: int | None, max_queue_delay_ms: float | None, max_queue: int,
                   timeout_ms: float, max_body_bytes: int, allow_non_finite: bool, inline_compute_ms: float,
-                  drain_timeout_s: float, loop_name: str, mqtt_transport: Transport | None = None) -> None:
+                  drain_timeout_s: float, loop_name: str, shared_memory: bool = False,
+                  mqtt_transport: Transport | None = None) -> None:
     """Serve BUNDLE_DIR... over the Open Inference Protocol (KServe v2) on HTTP, and on MQTT with --mqtt."""
     started = time.monotonic()
     bundles = load_bundles(bundle_dirs, trust)
@@ -158,7 +161,8 @@ def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tup
         engine_options=EngineOptions(intra_op_threads=threads, allow_spinning=spin),
     )
     server_config = ServerConfig(host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key,
-                                 max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s)
+                                 max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s,
+                                 shared_memory=shared_memory)
     if host not in ("127.0.0.1", "::1", "localhost") and not token:
         click.secho(f"WARNING: listening on {host} without --token: anyone who can reach it can use it.",
                     fg="yellow", err=True)

@@ -81,6 +81,8 @@ class ServerConfig:
     max_field_bytes: int = 8190
     max_headers: int = 64
     access_log: bool = False
+    #: [shm] Triton's system shared-memory extension (agent.shm); off: clients could name any object in /dev/shm
+    shared_memory: bool = False
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -43,8 +43,10 @@ def _json_bytes(body: bytes | bytearray, header_length: str | int | None) -> int
         return 0  # decode_request refuses it at once
 
 
-async def decode_request(body: bytes | bytearray, header_length: str | int | None = None) -> protocol.InferRequest:
+async def decode_request(body: bytes | bytearray, header_length: str | int | None = None,
+                         regions: protocol.RegionReader | None = None) -> protocol.InferRequest:
     """`protocol.decode_request`, inline or on a worker thread by the size of the JSON to parse."""
     if _json_bytes(body, header_length) <= INLINE_BYTES:
-        return protocol.decode_request(body, header_length)
-    return await asyncio.get_running_loop().run_in_executor(_executor(), protocol.decode_request, body, header_length)
+        return protocol.decode_request(body, header_length, regions)
+    return await asyncio.get_running_loop().run_in_executor(
+        _executor(), protocol.decode_request, body, header_length, regions)

@@ -39,6 +39,7 @@ from .admission import ByteBudget, Reservation
 from .config import ServerConfig
 from .dataplane import DataPlane, deadline_after
 from .errors import AgentError, InferenceFailed, InvalidRequest, PayloadTooLarge, Unauthorized, Unavailable
+from .shm import routes as shm  # [shm] Triton's system shared-memory extension
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def _json(doc: object, status: int = 200) -> web.Response:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return _json(request.app[DATAPLANE].server_metadata())
+    return _json(shm.advertise(request.app, request.app[DATAPLANE].server_metadata()))  # [shm]
 
 
 async def health_live(request: web.Request) -> web.Response:
@@ -117,11 +118,15 @@ async def infer(request: web.Request) -> web.Response:
         _check_content_type(request)
         deadline = _deadline(request, sm.config.timeout_ms)
         with request.app[BUDGET].reservation() as held:  # held until the answer is built
-            req = await decoding.decode_request(await _read_body(request, config, held),
-                                                request.headers.get(HEADER_LENGTH))
+            body = await _read_body(request, config, held)
+            regions = shm.regions_for(request)  # [shm] None unless --shared-memory
+            req = await decoding.decode_request(body, request.headers.get(HEADER_LENGTH),
+                                                regions.input_view if regions else None)
+            del body
+            placement = regions.plan_outputs(req) if regions else None  # [shm] 400 before any compute
             response = await dp.infer(model, sm.version, req, deadline)  # the version resolved above
             del req
-            encoded = protocol.encode_response(response)
+            encoded = protocol.encode_response(placement.write(response) if placement else response)  # [shm]
     except AgentError as e:
         reply = error_response(e)
         if isinstance(e, _UnreadableBody):
@@ -256,6 +261,7 @@ def create_app(dataplane: DataPlane, config: ServerConfig) -> web.Application:
         r.add_get(base, model_metadata)
         r.add_get(base + "/ready", model_ready)
         r.add_post(base + "/infer", infer)
+    shm.install(app, config.shared_memory, owner_by_token=bool(config.token))  # [shm]
     r.add_route("*", "/{tail:.*}", not_found)
     return app
 

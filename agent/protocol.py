@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,9 @@ _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf,
                  "nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _NONFINITE_OUT = (b'"-Infinity"', b'"NaN"', b'"Infinity"')  # by sign(x) + 1, NaN read as 0
 _LEN = struct.Struct("<I")
+#: [shm] an input passed by reference (agent.shm, Triton's system shared memory): (name, parameters) -> its bytes
+SHM_REGION = "shared_memory_region"
+RegionReader = Callable[[str, Mapping[str, Any]], memoryview]
 
 
 _NAME_BY_DTYPE = {dt: name for name, dt in DATATYPES.items() if name != "BYTES"}
@@ -114,6 +117,8 @@ class OutputTensor:
     name: str
     data: np.ndarray
     binary: bool = False
+    #: [shm] written into a client's shared-memory region: the response only points there
+    shared_memory: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,8 +172,9 @@ def parse_json(data: bytes | memoryview | str) -> Any:
         raise InvalidRequest(f"malformed JSON: {e}") from None
 
 
-def decode_request(body: bytes | bytearray, header_length: str | int | None = None) -> InferRequest:
-    """Decode a v2 inference request body (JSON, or JSON + binary tail)."""
+def decode_request(body: bytes | bytearray, header_length: str | int | None = None,
+                   regions: RegionReader | None = None) -> InferRequest:
+    """Decode a v2 inference request body (JSON, or JSON + binary tail; `regions`: inputs by reference)."""
     header, tail = split_body(body, header_length)
     doc = json_tensors.parse_request_document(header)
     if not isinstance(doc, dict):
@@ -179,7 +185,7 @@ def decode_request(body: bytes | bytearray, header_length: str | int | None = No
     offset = 0
     inputs: list[InferInput] = []
     for raw in raw_inputs:
-        inp, offset = _decode_input(raw, tail, offset)
+        inp, offset = _decode_input(raw, tail, offset, regions)
         inputs.append(inp)
     if offset != len(tail):
         raise InvalidRequest(f"{len(tail) - offset} bytes of binary data are not claimed by any input")
@@ -190,7 +196,10 @@ def decode_request(body: bytes | bytearray, header_length: str | int | None = No
     req_id = doc.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise InvalidRequest("'id' must be a string")
-    return InferRequest(tuple(inputs), _decode_outputs(doc.get("outputs")), req_id, params)
+    outputs = _decode_outputs(doc.get("outputs"))
+    if regions is None and any(SHM_REGION in o.parameters for o in outputs or ()):  # [shm]
+        raise InvalidRequest(_NO_SHM)
+    return InferRequest(tuple(inputs), outputs, req_id, params)
 
 
 def _params(raw: object, where: str) -> dict[str, Any]:
@@ -216,7 +225,11 @@ def _decode_outputs(raw: object) -> tuple[RequestedOutput, ...] | None:
     return tuple(outs)
 
 
-def _decode_input(raw: object, tail: memoryview, offset: int) -> tuple[InferInput, int]:
+_NO_SHM = "shared-memory tensors are served over HTTP by `outpost serve --shared-memory` only"
+
+
+def _decode_input(raw: object, tail: memoryview, offset: int,
+                  regions: RegionReader | None = None) -> tuple[InferInput, int]:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise InvalidRequest("each input must be an object with a string 'name'")
     name: str = raw["name"]
@@ -234,6 +247,11 @@ def _decode_input(raw: object, tail: memoryview, offset: int) -> tuple[InferInpu
     dtype = DATATYPES[datatype]
     if count == 0:
         _check_empty_shape(name, shape, dtype)
+    if SHM_REGION in params:  # [shm] by reference: a read-only view of the client's region, no copy
+        if regions is None:
+            raise ValidationError(name, _NO_SHM)
+        array = _from_binary(name, regions(name, params), dtype, shape, count)
+        return InferInput(name, datatype, shape, array, params), offset
     size = params.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0:
@@ -423,7 +441,9 @@ def encode_response(response: InferResponse) -> EncodedResponse:
     for out in response.outputs:
         arr = out.data
         entry: dict[str, Any] = {"name": out.name, "datatype": datatype_of(arr), "shape": list(arr.shape)}
-        if out.binary:
+        if out.shared_memory is not None:  # [shm]
+            entry["parameters"] = dict(out.shared_memory)
+        elif out.binary:
             raw = _to_binary(arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             tail.append(raw)

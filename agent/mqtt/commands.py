@@ -96,7 +96,12 @@ def mqtt_transport(settings: MqttSettings) -> Callable[[DataPlane], contextlib.A
 async def _echo_state_changes(front: MqttFrontEnd, every_s: float = 0.2) -> None:
     """`outpost serve`'s status output: one line per MQTT state change, never per retry."""
     last: tuple[str, str | None] | None = None
+    timed = None
     while True:
+        if front.probe.last is not timed and front.probe.last is not None:  # [probe]
+            timed = front.probe.last
+            slow = " (slow: set `set_tcp_nodelay true` on the broker)" if timed.median_ms > front.probe.slow_ms else ""
+            click.echo(f"outpost serve: MQTT broker round trip {timed.median_ms:.2f} ms{slow}", err=True)
         c = front.connection.status()
         now = (c.state, c.last_error)
         if now != last:

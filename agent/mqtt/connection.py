@@ -78,8 +78,10 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
 class MqttConnection:
     def __init__(self, settings: MqttSettings, *, subscriptions: Sequence[str],
                  on_message: MessageHandler, will: Outgoing | None = None,
-                 on_connected: Callable[[], Sequence[Outgoing]] | None = None) -> None:
+                 on_connected: Callable[[], Sequence[Outgoing]] | None = None, quiet: bool = False) -> None:
         self.settings = settings
+        #: [probe] state changes logged at DEBUG only (the broker probe's own short-lived connection)
+        self.quiet = quiet
         self._subscriptions = tuple(subscriptions)
         self._on_message_cb = on_message
         self._on_connected_cb = on_connected
@@ -301,7 +303,9 @@ class MqttConnection:
                 self._since = time.time()
         if not changed:
             return
-        if state == CONNECTED:
+        if self.quiet:  # [probe]
+            log.debug("MQTT %s: %s (%s)", self.settings.client_id, state, error)
+        elif state == CONNECTED:
             log.info("MQTT connected to %s as %r%s", self.settings.url, self.settings.client_id,
                      " (reconnected)" if was != STARTING else "")
         elif state in (AUTH_FAILED, REFUSED, SUBSCRIBE_REFUSED):

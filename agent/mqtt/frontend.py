@@ -34,6 +34,7 @@ from .connection import ConnectionStatus, MqttConnection
 from .dedup import DuplicateCache
 from .envelope import Addressing
 from .outbox import Outgoing
+from .probe import BrokerProbe
 from .settings import MqttSettings
 from .topics import RequestTarget, Topics
 
@@ -56,6 +57,8 @@ class MqttStatus:
     refused_reply_topics: int
     unanswerable: int
     in_flight: int
+    #: [probe] median request/reply round trip through the broker at the last connect; None: not measured
+    broker_round_trip_ms: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +99,8 @@ class MqttFrontEnd:
             settings, subscriptions=self.topics.request_filters, on_message=self._on_message,
             will=Outgoing(self.topics.status, self._presence_doc("offline"), 1, settings.status_retain),
             on_connected=self._on_connected)
+        self.probe = BrokerProbe(settings, self.connection)  # [probe] times the broker at each connect
+        self._probe_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -104,6 +109,7 @@ class MqttFrontEnd:
         self._loop = asyncio.get_running_loop()
         self._presence = self._presence_doc("online")
         self.connection.start()
+        self._probe_task = asyncio.create_task(self.probe.watch(), name="mqtt-broker-probe")  # [probe]
         if self.settings.telemetry_interval_s > 0:
             self._telemetry = asyncio.create_task(self._telemetry_forever(), name="mqtt-telemetry")
 
@@ -112,6 +118,10 @@ class MqttFrontEnd:
         self.connection.unsubscribe()
         if self._telemetry is not None:
             self._telemetry.cancel()
+        if self._probe_task is not None:  # [probe]
+            self.probe.close()
+            self._probe_task.cancel()
+            await asyncio.wait({self._probe_task}, timeout=drain_timeout_s)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=drain_timeout_s)
         self._loop = None  # from here on, paho's thread drops incoming messages
@@ -128,8 +138,10 @@ class MqttFrontEnd:
 
     def status(self) -> MqttStatus:
         c = self._counts
+        rtt = self.probe.last  # [probe]
         return MqttStatus(self.connection.status(), c["requests"], c["replies"], c["errors"],
-                          self._dedup.duplicates, c["refused"], c["unanswerable"], len(self._tasks))
+                          self._dedup.duplicates, c["refused"], c["unanswerable"], len(self._tasks),
+                          None if rtt is None else round(rtt.median_ms, 3))
 
     # ------------------------------------------------------------------ presence and telemetry
 
@@ -169,6 +181,9 @@ class MqttFrontEnd:
         """paho's thread: copy out what is needed and hand it to the loop; nothing else."""
         loop = self._loop
         if loop is None:
+            return
+        if msg.topic == self.probe.topic:  # [probe] echo at once, from this thread, as a reply would go
+            self.probe.echo(bytes(msg.payload))
             return
         props = getattr(msg, "properties", None)
         with contextlib.suppress(RuntimeError):  # the loop is closing: dropped with the agent

@@ -35,6 +35,11 @@ class MqttCollector(Collector):
         yield GaugeMetricFamily("outpost_mqtt_outbox_messages", "Replies waiting for the broker.", value=c.outbox)
         yield GaugeMetricFamily("outpost_mqtt_in_flight_requests", "MQTT requests being served.",
                                 value=s.in_flight)
+        if s.broker_round_trip_ms is not None:  # [probe]
+            yield GaugeMetricFamily(
+                "outpost_mqtt_broker_round_trip_seconds",
+                "Median QoS 1 request/reply round trip through the broker, measured at the last connect "
+                "(tens of ms: the broker needs set_tcp_nodelay true).", value=s.broker_round_trip_ms / 1000.0)
         for name, doc, value in (
             ("outpost_mqtt_connects", "Successful connections to the broker.", c.connects),
             ("outpost_mqtt_connect_failures", "Refused or failed connection attempts.", c.connect_failures),
