@@ -192,6 +192,9 @@ class AdaptiveBatcher:
                 self._slots.release()
                 raise
             self._busy += 1
+            if self.runner.runs_inline:  # it never suspends: no task, and the engine is idle again at once
+                await self._run(batch)
+                continue
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)

@@ -31,7 +31,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 
 from . import decoding, protocol
@@ -160,7 +160,7 @@ def _deadline(request: web.Request, default_ms: float) -> float:
     return deadline_after(min(ms, default_ms))
 
 
-async def _read_body(request: web.Request, config: ServerConfig, held: Reservation) -> bytearray:
+async def _read_body(request: web.Request, config: ServerConfig, held: Reservation) -> bytes | bytearray:
     """The whole (decompressed) body, reserved in the byte budget before each byte is kept."""
     limit = config.max_body_bytes
     length = request.content_length
@@ -168,24 +168,31 @@ async def _read_body(request: web.Request, config: ServerConfig, held: Reservati
         if length > limit:
             raise PayloadTooLarge(length, limit)
         held.ensure(length)
-    body = bytearray()  # grown chunk by chunk (realloc moves pages, no copy): never a 60 MB memset on the loop
-
-    async def receive() -> None:
-        while chunk := await request.content.readany():
-            end = len(body) + len(chunk)
-            if end > limit:  # a chunked or compressed body past the limit
-                raise PayloadTooLarge(None, limit)
-            held.ensure(end)
-            body.extend(chunk)
-
+    content = request.content
     try:
-        await asyncio.wait_for(receive(), config.body_timeout_s)
+        if content.is_eof():  # the whole body came with the headers (every small request): no task, no timer
+            whole = content.read_nowait()
+            if len(whole) > limit:  # decompressed past the limit
+                raise PayloadTooLarge(None, limit)
+            held.ensure(len(whole))
+            return whole
+        return await asyncio.wait_for(_receive(content, limit, held), config.body_timeout_s)
     except TimeoutError:
         raise InvalidRequest(f"request body did not arrive within {config.body_timeout_s:g} s") from None
     except web.RequestPayloadError as e:  # a body that is not what its Content-Encoding says
         encoding = request.headers.get("Content-Encoding", "")
         raise _UnreadableBody(f"the body could not be read as Content-Encoding {encoding!r}: "
                              f"{e.__cause__ or e}") from None
+
+
+async def _receive(content: StreamReader, limit: int, held: Reservation) -> bytearray:
+    body = bytearray()  # grown chunk by chunk (realloc moves pages, no copy): never a 60 MB memset on the loop
+    while chunk := await content.readany():
+        end = len(body) + len(chunk)
+        if end > limit:  # a chunked or compressed body past the limit
+            raise PayloadTooLarge(None, limit)
+        held.ensure(end)
+        body.extend(chunk)
     return body
 
 
@@ -248,14 +255,16 @@ def create_app(dataplane: DataPlane, config: ServerConfig) -> web.Application:
     app[CONFIG] = config
     app[BUDGET] = ByteBudget(config.body_budget_bytes)
     r = app.router
+    bases = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+    for base in bases:  # first: the router tries same-prefix patterns in order, and infer is the hot one
+        r.add_post(base + "/infer", infer)
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", health_live)
     r.add_get("/v2/health/ready", health_ready)
     r.add_get("/metrics", metrics)
-    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+    for base in bases:
         r.add_get(base, model_metadata)
         r.add_get(base + "/ready", model_ready)
-        r.add_post(base + "/infer", infer)
     r.add_route("*", "/{tail:.*}", not_found)
     return app
 
