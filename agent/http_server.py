@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import StreamReader, web
+from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestHandler
 
 from . import decoding, protocol
@@ -109,14 +110,17 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    dp = request.app[DATAPLANE]
-    config = request.app[CONFIG]
-    model, version = request.match_info["model"], request.match_info.get("version")
+    return await _infer(request, request.app, request.match_info["model"], request.match_info.get("version"))
+
+
+async def _infer(request: web.Request, app: web.Application, model: str, version: str | None) -> web.Response:
+    dp = app[DATAPLANE]
+    config = app[CONFIG]
     try:
         sm = dp.get(model, version)  # 404 before reading a byte of the body
         _check_content_type(request)
         deadline = _deadline(request, sm.config.timeout_ms)
-        with request.app[BUDGET].reservation() as held:  # held until the answer is built
+        with app[BUDGET].reservation() as held:  # held until the answer is built
             req = await decoding.decode_request(await _read_body(request, config, held),
                                                 request.headers.get(HEADER_LENGTH))
             response = await dp.infer(model, sm.version, req, deadline)  # the version resolved above
@@ -233,11 +237,50 @@ async def json_errors(request: web.Request, handler: _Handler) -> web.StreamResp
         return error_response(InferenceFailed(f"internal error: {type(e).__name__}"))
     if response.status >= 400 and response.content_type != "application/json":
         response = _as_json_error(response)
+    return _close_if_unread(request, response)
+
+
+def _close_if_unread(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     if response.status >= 400 and "Content-Encoding" in request.headers and not request.content.is_eof():
         # refused before its body was read: aiohttp would drain a compressed body it cannot
         # decode into an exception logged per request; close instead
         response.force_close()
     return response
+
+
+#: the inference routes as plain paths; anything else (percent-escapes, a query) takes the router
+_FAST_INFER = re.compile(r"/v2/models/([^/%?]+)(?:/versions/([^/%?]+))?/infer")
+
+
+_ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def _fast_infer(app: web.Application, routed: _ServerHandler, token: str | None) -> _ServerHandler:
+    """The server's request handler: inference straight to `_infer`, every other request through the app.
+
+    The router and the middleware chain cost several microseconds per request, a visible share of
+    a small model's whole request (bench/README.md, "HTTP stacks"); inference is the route that runs
+    thousands of times a second, so it skips them and gets here what they give it: the bearer check
+    and a bug's JSON 500. `Expect: 100-continue` goes through the app, which answers it.
+    """
+    expected = f"Bearer {token}".encode() if token else None
+
+    async def handle(base: web.BaseRequest) -> web.StreamResponse:
+        request = cast(web.Request, base)  # the AppRunner's server makes web.Request objects
+        m = _FAST_INFER.fullmatch(request.raw_path) if request.method == "POST" else None
+        if m is None or hdrs.EXPECT in request.headers:
+            return await routed(request)
+        if expected is not None and not hmac.compare_digest(request.headers.get("Authorization", "").encode(),
+                                                            expected):
+            return _close_if_unread(request, error_response(Unauthorized("missing or wrong bearer token")))
+        try:
+            response = await _infer(request, app, m[1], m[2])
+        except Exception as e:  # as json_errors does for routed requests
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            response = error_response(InferenceFailed(f"internal error: {type(e).__name__}"))
+        return _close_if_unread(request, response)
+
+    return handle
 
 
 def _as_json_error(response: web.StreamResponse) -> web.Response:
@@ -349,6 +392,9 @@ class HttpServer:
             max_field_size=c.max_field_bytes, max_headers=c.max_headers, shutdown_timeout=c.drain_timeout_s,
         )
         await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+        server.request_handler = _fast_infer(self.app, server.request_handler, c.token)
         site = _JsonErrorsSite(self._runner, c, ssl_context(c))
         await site.start()
 

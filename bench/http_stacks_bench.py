@@ -87,7 +87,8 @@ def main() -> None:
         cells: dict[tuple[str, int], dict[str, list[float]]] = {}
         try:
             for n in names:
-                r = servers.Running(spec(n, model, bundle_dir, args.lib, args.before), work / f"{n.replace(' ', '_')}.log")
+                log_path = work / f"{n.replace(' ', '_')}.log"
+                r = servers.Running(spec(n, model, bundle_dir, args.lib, args.before), log_path)
                 r.measure_idle()
                 running.append(r)
                 print(f"{n}: ready in {r.start_to_ready_s:.2f} s, idle RSS {r.idle_rss / 2**20:.0f} MiB", flush=True)
