@@ -137,7 +137,8 @@ def render(rep: Report, outpost: str, minimal: str, bento: str) -> str:
             lines.append(f"| {model} | {batch} | {value:,.0f} | {'' if cpu is None else f'{cpu:.3f}'} |")
     if "cnn_best_images_per_s" in rep.bare:
         lines.append(f"| cnn | best | {rep.bare['cnn_best_images_per_s']:,.0f} | |")
-    lines += ["", "Servers under `wrk` (one request = one item; medians over the repeats):", "",
+    lines += ["", "Servers under `wrk` (one request = one item; medians over the repeats; req/s and CPU per "
+              "request count answers served (2xx) only, so load shed with 503 is not counted as served):", "",
               "| model | body | server | c | req/s | p50 ms | p99 ms | server CPU ms/req | non-200 / requests "
               "| other load (cores) |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
