@@ -7,6 +7,11 @@ then only adds latency: at low load there is nobody to wait for, and under
 load the queue fills while the engines work). Results are split back per
 request; a failed batch delivers its reason to every request in it.
 
+A model fast enough to run on the event loop (`Runner.runs_inline`) skips the
+queue whenever its engine is idle, and a batch of it that did queue runs in the
+dispatcher itself, not in a new task, so the engine is idle again at once: on a
+small model the queue's future, timer and task switches cost more than the engine.
+
 The queue is bounded: past `max_queue` waiting requests, `submit` raises
 Overloaded at once (503 + Retry-After). A request whose deadline passes, or
 whose caller goes away (task cancelled: a closed connection), is dropped from
