@@ -7,6 +7,11 @@ then only adds latency: at low load there is nobody to wait for, and under
 load the queue fills while the engines work). Results are split back per
 request; a failed batch delivers its reason to every request in it.
 
+A model fast enough to run on the event loop (`Runner.runs_inline`) skips the
+queue whenever its engine is idle, and a batch of it that did queue runs in the
+dispatcher itself, not in a new task, so the engine is idle again at once: on a
+small model the queue's future, timer and task switches cost more than the engine.
+
 The queue is bounded: past `max_queue` waiting requests, `submit` raises
 Overloaded at once (503 + Retry-After). A request whose deadline passes, or
 whose caller goes away (task cancelled: a closed connection), is dropped from
@@ -192,6 +197,9 @@ class AdaptiveBatcher:
                 self._slots.release()
                 raise
             self._busy += 1
+            if self.runner.runs_inline:  # it never suspends: no task, and the engine is idle again at once
+                await self._run(batch)
+                continue
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)

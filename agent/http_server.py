@@ -4,6 +4,9 @@ Handlers only parse, call the data plane and serialise; an `AgentError` is
 turned into a response in exactly one place (`error_response`). The server is
 an `AppRunner` + `TCPSite` pair wrapped in `HttpServer`, so the agent daemon
 can embed it next to its other tasks; `outpost serve` is one such embedding.
+Plain inference POSTs skip aiohttp's router and middleware chain (`_fast_infer`):
+on a small model they are most of the server's work, and those layers a visible
+share of it (bench/README.md, "HTTP stacks and the hot path").
 
 Defences (THREATS 28-35): the body limit is checked against Content-Length
 before anything is read and again while streaming (so a chunked or compressed
@@ -27,11 +30,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestHandler
 
 from . import decoding, protocol
@@ -110,16 +114,19 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    dp = request.app[DATAPLANE]
-    config = request.app[CONFIG]
-    model, version = request.match_info["model"], request.match_info.get("version")
+    return await _infer(request, request.app, request.match_info["model"], request.match_info.get("version"))
+
+
+async def _infer(request: web.Request, app: web.Application, model: str, version: str | None) -> web.Response:
+    dp = app[DATAPLANE]
+    config = app[CONFIG]
     try:
         sm = dp.get(model, version)  # 404 before reading a byte of the body
         _check_content_type(request)
         deadline = _deadline(request, sm.config.timeout_ms)
-        with request.app[BUDGET].reservation() as held:  # held until the answer is built
+        with app[BUDGET].reservation() as held:  # held until the answer is built
             body = await _read_body(request, config, held)
-            regions = shm.regions_for(request)  # [shm] None unless --shared-memory
+            regions = shm.regions_for(app, request)  # [shm] None unless --shared-memory
             req = await decoding.decode_request(body, request.headers.get(HEADER_LENGTH),
                                                 regions.input_view if regions else None)
             del body
@@ -165,7 +172,7 @@ def _deadline(request: web.Request, default_ms: float) -> float:
     return deadline_after(min(ms, default_ms))
 
 
-async def _read_body(request: web.Request, config: ServerConfig, held: Reservation) -> bytearray:
+async def _read_body(request: web.Request, config: ServerConfig, held: Reservation) -> bytes | bytearray:
     """The whole (decompressed) body, reserved in the byte budget before each byte is kept."""
     limit = config.max_body_bytes
     length = request.content_length
@@ -173,24 +180,31 @@ async def _read_body(request: web.Request, config: ServerConfig, held: Reservati
         if length > limit:
             raise PayloadTooLarge(length, limit)
         held.ensure(length)
-    body = bytearray()  # grown chunk by chunk (realloc moves pages, no copy): never a 60 MB memset on the loop
-
-    async def receive() -> None:
-        while chunk := await request.content.readany():
-            end = len(body) + len(chunk)
-            if end > limit:  # a chunked or compressed body past the limit
-                raise PayloadTooLarge(None, limit)
-            held.ensure(end)
-            body.extend(chunk)
-
+    content = request.content
     try:
-        await asyncio.wait_for(receive(), config.body_timeout_s)
+        if content.is_eof():  # the whole body came with the headers (every small request): no task, no timer
+            whole = content.read_nowait()
+            if len(whole) > limit:  # decompressed past the limit
+                raise PayloadTooLarge(None, limit)
+            held.ensure(len(whole))
+            return whole
+        return await asyncio.wait_for(_receive(content, limit, held), config.body_timeout_s)
     except TimeoutError:
         raise InvalidRequest(f"request body did not arrive within {config.body_timeout_s:g} s") from None
     except web.RequestPayloadError as e:  # a body that is not what its Content-Encoding says
         encoding = request.headers.get("Content-Encoding", "")
         raise _UnreadableBody(f"the body could not be read as Content-Encoding {encoding!r}: "
                              f"{e.__cause__ or e}") from None
+
+
+async def _receive(content: StreamReader, limit: int, held: Reservation) -> bytearray:
+    body = bytearray()  # grown chunk by chunk (realloc moves pages, no copy): never a 60 MB memset on the loop
+    while chunk := await content.readany():
+        end = len(body) + len(chunk)
+        if end > limit:  # a chunked or compressed body past the limit
+            raise PayloadTooLarge(None, limit)
+        held.ensure(end)
+        body.extend(chunk)
     return body
 
 
@@ -231,11 +245,50 @@ async def json_errors(request: web.Request, handler: _Handler) -> web.StreamResp
         return error_response(InferenceFailed(f"internal error: {type(e).__name__}"))
     if response.status >= 400 and response.content_type != "application/json":
         response = _as_json_error(response)
+    return _close_if_unread(request, response)
+
+
+def _close_if_unread(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     if response.status >= 400 and "Content-Encoding" in request.headers and not request.content.is_eof():
         # refused before its body was read: aiohttp would drain a compressed body it cannot
         # decode into an exception logged per request; close instead
         response.force_close()
     return response
+
+
+#: the inference routes as plain paths; anything else (percent-escapes, a query) takes the router
+_FAST_INFER = re.compile(r"/v2/models/([^/%?]+)(?:/versions/([^/%?]+))?/infer")
+
+
+_ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def _fast_infer(app: web.Application, routed: _ServerHandler, token: str | None) -> _ServerHandler:
+    """The server's request handler: inference straight to `_infer`, every other request through the app.
+
+    The router and the middleware chain cost several microseconds per request, a visible share of
+    a small model's whole request (bench/README.md, "HTTP stacks"); inference is the route that runs
+    thousands of times a second, so it skips them and gets here what they give it: the bearer check
+    and a bug's JSON 500. `Expect: 100-continue` goes through the app, which answers it.
+    """
+    expected = f"Bearer {token}".encode() if token else None
+
+    async def handle(base: web.BaseRequest) -> web.StreamResponse:
+        request = cast(web.Request, base)  # the AppRunner's server makes web.Request objects
+        m = _FAST_INFER.fullmatch(request.raw_path) if request.method == "POST" else None
+        if m is None or hdrs.EXPECT in request.headers:
+            return await routed(request)
+        if expected is not None and not hmac.compare_digest(request.headers.get("Authorization", "").encode(),
+                                                            expected):
+            return _close_if_unread(request, error_response(Unauthorized("missing or wrong bearer token")))
+        try:
+            response = await _infer(request, app, m[1], m[2])
+        except Exception as e:  # as json_errors does for routed requests
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            response = error_response(InferenceFailed(f"internal error: {type(e).__name__}"))
+        return _close_if_unread(request, response)
+
+    return handle
 
 
 def _as_json_error(response: web.StreamResponse) -> web.Response:
@@ -253,14 +306,16 @@ def create_app(dataplane: DataPlane, config: ServerConfig) -> web.Application:
     app[CONFIG] = config
     app[BUDGET] = ByteBudget(config.body_budget_bytes)
     r = app.router
+    bases = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+    for base in bases:  # first: the router tries same-prefix patterns in order, and infer is the hot one
+        r.add_post(base + "/infer", infer)
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", health_live)
     r.add_get("/v2/health/ready", health_ready)
     r.add_get("/metrics", metrics)
-    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+    for base in bases:
         r.add_get(base, model_metadata)
         r.add_get(base + "/ready", model_ready)
-        r.add_post(base + "/infer", infer)
     shm.install(app, config.shared_memory, owner_by_token=bool(config.token))  # [shm]
     r.add_route("*", "/{tail:.*}", not_found)
     return app
@@ -346,6 +401,9 @@ class HttpServer:
             max_field_size=c.max_field_bytes, max_headers=c.max_headers, shutdown_timeout=c.drain_timeout_s,
         )
         await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+        server.request_handler = _fast_infer(self.app, server.request_handler, c.token)
         site = _JsonErrorsSite(self._runner, c, ssl_context(c))
         await site.start()
 

@@ -43,9 +43,13 @@ class SharedMemory:
 SHARED_MEMORY = web.AppKey("shared_memory", SharedMemory)
 
 
-def regions_for(request: web.Request) -> ClientRegions | None:
-    """The caller's regions for one inference request; None when the extension is off."""
-    shm = request.app.get(SHARED_MEMORY)
+def regions_for(app: web.Application, request: web.Request) -> ClientRegions | None:
+    """The caller's regions for one inference request; None when the extension is off.
+
+    The app is passed in: inference requests skip the router (`http_server._fast_infer`), so
+    `request.app` is not set on them.
+    """
+    shm = app.get(SHARED_MEMORY)
     return None if shm is None else ClientRegions(shm.table, shm.owner(request))
 
 

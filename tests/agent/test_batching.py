@@ -136,3 +136,33 @@ async def test_a_full_queue_refuses_at_once_with_retry_after(make_batcher: Any) 
         await b.submit({"image": img}, _deadline())
     assert info.value.retry_after_s >= 1 and info.value.status == 503
     await asyncio.gather(*running)
+
+
+async def test_a_model_that_runs_inline_skips_the_queue_and_its_queued_batches_run_in_the_dispatcher(
+        bundles: dict[str, pathlib.Path], trust: list[bundle.TrustAnchor], reference: Any) -> None:
+    runner = Runner.open(bundle.verify(bundles["mlp"], trust), inline_compute_ms=1000.0)
+    where: list[tuple[str, int]] = []
+
+    def on_batch(items: int) -> None:
+        task = asyncio.current_task()
+        where.append((task.get_name() if task is not None else "", items))
+
+    b = AdaptiveBatcher(runner, max_batch_size=4, max_queue_delay_ms=2.0, max_queue=64, batchable=True,
+                        on_batch=on_batch)
+    try:
+        x = np.random.default_rng(1).standard_normal((10, 64)).astype(np.float32)
+        await b.submit({"input": x[:1]}, _deadline())  # engine time unknown: a thread, then known to be tiny
+        assert runner.runs_inline
+        where.clear()
+        alone = await b.submit({"input": x[:1]}, _deadline())  # idle engine: on the spot, no queue
+        assert alone.queue_s == 0.0 and where == [(asyncio.current_task().get_name(), 1)]  # type: ignore[union-attr]
+        where.clear()
+        split = await b.submit({"input": x}, _deadline())  # 10 items over batches of 4: queued parts
+        np.testing.assert_allclose(split.outputs["logits"], reference("mlp", {"input": x})["logits"],
+                                   rtol=1e-5, atol=1e-6)
+        # each queued part ran inside the dispatcher task itself, not in a task of its own
+        assert where == [("batcher-mlp", 4), ("batcher-mlp", 4), ("batcher-mlp", 2)], where
+        assert b.busy_instances == 0 and b.queue_depth == 0
+    finally:
+        await b.close()
+        runner.close()
