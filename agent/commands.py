@@ -4,7 +4,8 @@ With `--trust` each bundle is verified and the command refuses to start if any
 fails (serving a silent subset of what the operator asked for hides the
 failure). Without it, bundles are loaded unverified for the developer loop and
 the command says so loudly, once per bundle. The agent daemon reuses `serve()`
-with verified bundles only.
+with verified bundles only, through its `Lifecycle` hooks; a bundle that
+fails to load is recorded (`DataPlane.failed`) and the others still serve.
 
 Other transports plug in without touching this command's body: a `Transport`
 is a callable that takes the running DataPlane and returns an async context
@@ -17,16 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import signal
+import inspect
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
 
 import bundle
 from engines import EngineOptions
+from runtime import LoopUnavailable, run_loop, stop_on_signals
 
 from .config import ModelConfig, ServerConfig
 from .dataplane import DataPlane
@@ -51,37 +54,96 @@ def load_bundles(dirs: Sequence[str], trust: Sequence[str]) -> list[bundle.Verif
     return loaded
 
 
-async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelConfig, server_config: ServerConfig,
-                transports: Sequence[Transport] = (), started_at: float | None = None,
-                stop: asyncio.Event | None = None) -> bool:
-    """Load, serve until SIGTERM/SIGINT (or `stop`), drain. Returns True if every in-flight request finished."""
-    dataplane = DataPlane()
+@dataclass
+class Lifecycle:
+    """What the embedding program does at each stage of serving; every hook is optional.
+
+    `outpost serve` prints, the daemon starts its sync coordinator, systemd
+    notification sends READY=1 / STOPPING=1: all through these, none inside
+    `serve()`. Hooks may be plain functions or coroutines.
+    """
+
+    #: after the bundles are loaded and every transport listens: (dataplane, server, seconds since start)
+    on_ready: Callable[[DataPlane, HttpServer, float], Any] | None = None
+    #: the stop event fired; new requests are refused from here on
+    on_stopping: Callable[[], Any] | None = None
+    #: the server is closed; True if every in-flight request finished
+    on_stopped: Callable[[bool], Any] | None = None
+    #: a bundle failed to load at start: (its ref, the error); the others still serve
+    on_load_failed: Callable[[str, BaseException], Any] | None = None
+
+
+async def _call(hook: Callable[..., Any] | None, *args: Any) -> None:
+    if hook is not None:
+        result = hook(*args)
+        if inspect.isawaitable(result):
+            await result
+
+
+async def load_each(dataplane: DataPlane, bundles: Sequence[bundle.VerifiedBundle], model_config: ModelConfig,
+                    lifecycle: Lifecycle) -> None:
+    """Load every bundle independently: one that fails is recorded and reported; the others serve."""
     for vb in bundles:
-        await asyncio.to_thread(dataplane.load_bundle, vb, model_config)
+        try:
+            prepared = await asyncio.to_thread(dataplane.prepare, vb, model_config)
+        except Exception as e:
+            dataplane.mark_failed(vb.manifest.name, f"{type(e).__name__}: {e}")
+            await _call(lifecycle.on_load_failed, vb.manifest.ref, e)
+            continue
+        await dataplane.swap(prepared)
+
+
+async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelConfig, server_config: ServerConfig,
+                transports: Sequence[Transport] = (), *, stop: asyncio.Event, lifecycle: Lifecycle | None = None,
+                dataplane: DataPlane | None = None, started_at: float | None = None) -> bool:
+    """Load, serve until `stop` is set, drain. Returns True if every in-flight request finished.
+
+    Installs no signal handler and prints nothing: the caller decides both
+    (`runtime.stop_on_signals(stop)`, `lifecycle`). `transports` start after
+    HTTP and stop before it, in reverse order; the daemon's sync coordinator is one.
+    """
+    lifecycle = lifecycle or Lifecycle()
+    started_at = time.monotonic() if started_at is None else started_at
+    dataplane = dataplane or DataPlane(drain_timeout_s=server_config.drain_timeout_s)
+    await load_each(dataplane, bundles, model_config, lifecycle)
     # Start-up leaves a large heap of long-lived objects (model-signing, schema, runtime bindings):
     # freeze them so the collector's full passes under load skip what will never be garbage.
     gc.collect()
     gc.freeze()
     server = HttpServer(dataplane, server_config)
     await server.start()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    async with contextlib.AsyncExitStack() as stack:
-        for transport in transports:
-            await stack.enter_async_context(transport(dataplane))
-        names = ", ".join(f"{sm.name}@{sm.version} ({sm.runner.backend}, batch {sm.max_batch_size})"
-                          for sm in dataplane.models())
-        took = f" in {time.monotonic() - started_at:.2f} s" if started_at is not None else ""
-        click.echo(f"outpost serve: ready on {server.url}{took}; models: {names}", err=True)
-        await stop.wait()
-        click.echo("outpost serve: stopping (draining in-flight requests)", err=True)
-        dataplane.begin_drain()
-    drained = await server.stop()
-    click.echo(f"outpost serve: stopped{'' if drained else ' (some requests were cut off)'}", err=True)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for transport in transports:
+                await stack.enter_async_context(transport(dataplane))
+            await _call(lifecycle.on_ready, dataplane, server, time.monotonic() - started_at)
+            await stop.wait()
+            await _call(lifecycle.on_stopping)
+            dataplane.begin_drain()
+    finally:
+        drained = await server.stop()
+    await _call(lifecycle.on_stopped, drained)
     return drained
+
+
+def console_lifecycle(prog: str = "outpost serve") -> Lifecycle:
+    """The lines `outpost serve` prints on stderr at each stage."""
+
+    def ready(dataplane: DataPlane, server: HttpServer, took_s: float) -> None:
+        names = ", ".join(f"{sm.name}@{sm.version} ({sm.runner.backend}, batch {sm.max_batch_size})"
+                          for sm in dataplane.active_models()) or "none"
+        click.echo(f"{prog}: ready on {server.url} in {took_s:.2f} s; models: {names}", err=True)
+        for name, reason in dataplane.failed.items():
+            click.secho(f"{prog}: {name} is NOT served: {reason}", fg="red", err=True)
+
+    def stopped(drained: bool) -> None:
+        click.echo(f"{prog}: stopped{'' if drained else ' (some requests were cut off)'}", err=True)
+
+    def load_failed(ref: str, error: BaseException) -> None:
+        click.secho(f"{prog}: {ref} failed to load: {error}", fg="red", err=True)
+
+    return Lifecycle(on_ready=ready, on_stopping=lambda: click.echo(
+        f"{prog}: stopping (draining in-flight requests)", err=True), on_stopped=stopped, on_load_failed=load_failed)
 
 
 @click.command("serve")
@@ -136,17 +198,18 @@ def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tup
     transports: list[Transport] = []
     if mqtt_transport is not None:
         transports.append(mqtt_transport)
-    run_loop(serve(bundles, model_config, server_config, transports, started_at=started), loop_name)
+    async def main() -> bool:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        return await serve(bundles, model_config, server_config, transports, stop=stop,
+                           lifecycle=console_lifecycle(), started_at=started)
+
+    run_command_loop(main(), loop_name)
 
 
-def run_loop(main: Coroutine[Any, Any, T], loop_name: str = "auto") -> T:
-    """uvloop where installed (less event-loop time per request on small models), else asyncio."""
-    if loop_name != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if loop_name == "uvloop":
-                raise click.UsageError("--loop uvloop: uvloop is not installed") from None
-        else:
-            return uvloop.run(main)
-    return asyncio.run(main)
+def run_command_loop(main: Coroutine[Any, Any, T], loop_name: str) -> T:
+    """`runtime.run_loop` with a click usage error for an event loop that is not installed."""
+    try:
+        return run_loop(main, loop_name)
+    except LoopUnavailable as e:
+        raise click.UsageError(f"--loop {loop_name}: {e}") from None
