@@ -283,6 +283,12 @@ def _parse(payload: bytes) -> dict[str, Any]:
 
 
 def _typed(doc: dict[str, Any]) -> Assignment:
+    # JSON Schema counts 6.0 as an integer; the wire format does not.
+    integers = [("serial", doc["serial"])] + [(f"{b['name']} {k}", b[k]) for b in doc["bundles"]
+                                              for k in ("release", "size")]
+    for what, value in integers:
+        if type(value) is not int:
+            raise Garbled(f"assignment {what}: {value!r} is not an integer")
     bundles = tuple(AssignedBundle(name=b["name"], version=b["version"], ref=b["ref"], release=b["release"],
                                    digest=b["digest"], archive_sha256=b["archive_sha256"], size=b["size"],
                                    url=b["url"], revoked=b["revoked"]) for b in doc["bundles"])

@@ -15,6 +15,7 @@ OpenAPI document), so neither side can drift from the other.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -107,10 +108,28 @@ def validate_report(report: Any) -> None:
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "body"
         raise ReportInvalid(where, error.message[:300])
+    _check_finite(report, "body")
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """JSON has no NaN or Infinity, and a schema's bounds let NaN through (every comparison is false)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ReportInvalid(where, f"{value} is not a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}/{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}/{i}")
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
+
+
+def _measured(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics that could be measured: a NaN latency or an infinite gauge is left out, not sent."""
+    return {k: v for k, v in d.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
 
 
 @dataclass(frozen=True)
@@ -123,7 +142,7 @@ class ModelStats:
     p99_ms: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return _drop_none(asdict(self))
+        return _measured(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -189,7 +208,7 @@ class TelemetryWindow:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"start": self.start, "end": self.end, "requests": self.requests,
                                "errors": self.errors}
-        out.update({k: v for k, v in self.system.items() if k in SYSTEM_METRICS})
+        out.update(_measured({k: v for k, v in self.system.items() if k in SYSTEM_METRICS}))
         if self.models:
             out["models"] = {name: s.to_json() for name, s in self.models.items()}
         return out
