@@ -155,6 +155,9 @@ async def fetch_blob(fetcher: Fetcher, url: str, store: BlobStore | str | os.Pat
         return present
     part = blobs.staging_path(expected_sha256)
     progress = await asyncio.to_thread(_resume_point, part, size)
+    # Bytes left by an earlier run are only a guess until the whole file hashes right: if it
+    # does not, they may be the culprit, so start over once from zero before refusing.
+    inherited = progress.offset > 0
     last: Exception | None = None
     for attempt in range(max(1, policy.attempts)):
         if attempt:
@@ -168,13 +171,20 @@ async def fetch_blob(fetcher: Fetcher, url: str, store: BlobStore | str | os.Pat
         except _Restart:
             progress = _Progress(0, hashlib.sha256())
             last = None
+        except DownloadHashMismatch as e:
+            part.unlink(missing_ok=True)
+            if not inherited:
+                raise
+            log.warning("download %s: resumed bytes did not verify; fetching it whole", url)
+            inherited, last = False, e
+            progress = _Progress(0, hashlib.sha256())
         except (FleetUnreachable, DownloadStalled) as e:
             last = e
         except FleetRejected as e:
             if not e.retryable:
                 raise
             last = e
-        except (DownloadTooLarge, DownloadHashMismatch):
+        except DownloadTooLarge:
             part.unlink(missing_ok=True)
             raise
     raise DownloadError(f"{url}: gave up after {policy.attempts} tries: {last}") from last
