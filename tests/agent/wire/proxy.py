@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 class Proxy:
     upstream_host: str
     upstream_port: int
-    #: Cut every connection once it has carried this many bytes downstream (None: never).
-    cut_after_bytes: int | None = None
+    #: Connection index (0 = first opened) -> cut it once it has carried this many bytes downstream.
+    cuts: dict[int, int] = field(default_factory=dict)
     #: Bytes sent downstream, per connection, in order of opening.
     downstream: list[int] = field(default_factory=list)
     url: str = ""
@@ -51,7 +51,7 @@ class Proxy:
         async def pump_down() -> None:
             with contextlib.suppress(ConnectionError):
                 while data := await up_reader.read(65536):
-                    limit = self.cut_after_bytes
+                    limit = self.cuts.get(index)
                     if limit is not None and self.downstream[index] + len(data) >= limit:
                         data = data[:max(0, limit - self.downstream[index])]
                         writer.write(data)

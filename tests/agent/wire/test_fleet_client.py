@@ -11,8 +11,17 @@ import pytest
 from agent.credentials import Credential
 from agent.fleet_client import FleetClient, HttpRequest, HttpResponse
 from agent.fleet_errors import AuthFailed, FleetRejected, FleetUnreachable
-from contract import AssignmentState, Event, Health, ModelState, ModelStats, TelemetryWindow, build_report, \
-    key_id, verify_assignment
+from contract import (
+    AssignmentState,
+    Event,
+    Health,
+    ModelState,
+    ModelStats,
+    TelemetryWindow,
+    build_report,
+    key_id,
+    verify_assignment,
+)
 from tests.conftest import MakeBundle
 
 from .conftest import LiveFleet
