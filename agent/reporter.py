@@ -56,16 +56,15 @@ class Reporter:
             log.exception("building a report failed")
             self.last_error = e
             return
-        lost = self.dropped + self.rejected
-        if lost:
-            report = {**report, "reports_dropped": lost}
         self.enqueue(report)
 
     def enqueue(self, report: dict[str, Any]) -> None:
+        """Queue a built report, stamped with every report lost so far (this one's arrival included)."""
         if len(self._queue) >= self.max_buffer:
             self._queue.popleft()
             self.dropped += 1
-        self._queue.append(report)
+        lost = self.dropped + self.rejected
+        self._queue.append({**report, "reports_dropped": lost} if lost else report)
 
     async def flush(self) -> int:
         """Send what is queued, oldest first, until done or the fleet stops answering; returns how many went."""
