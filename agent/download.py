@@ -29,6 +29,7 @@ import pathlib
 import random
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -150,9 +151,28 @@ async def fetch_blob(fetcher: Fetcher, url: str, store: BlobStore | str | os.Pat
     if size < 0:
         raise DownloadError(f"{url}: negative declared size")
     blobs.ensure()
-    present = await asyncio.to_thread(blobs.present, expected_sha256)
-    if present is not None:
-        return present
+    async with _lock_for(blobs.path(expected_sha256)):
+        present = await asyncio.to_thread(blobs.present, expected_sha256)
+        if present is not None:
+            return present
+        return await _fetch(fetcher, url, blobs, expected_sha256, size, policy, rng, sleep)
+
+
+_LOCKS: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+def _lock_for(path: pathlib.Path) -> asyncio.Lock:
+    """One download of a blob at a time in this process: two would write one staging file."""
+    key = str(path.absolute())
+    lock = _LOCKS.get(key)
+    if lock is None:
+        lock = _LOCKS[key] = asyncio.Lock()
+    return lock
+
+
+async def _fetch(fetcher: Fetcher, url: str, blobs: BlobStore, expected_sha256: str, size: int,
+                 policy: DownloadPolicy, rng: random.Random | None,
+                 sleep: Callable[[float], Awaitable[None]]) -> pathlib.Path:
     part = blobs.staging_path(expected_sha256)
     progress = await asyncio.to_thread(_resume_point, part, size)
     # Bytes left by an earlier run are only a guess until the whole file hashes right: if it

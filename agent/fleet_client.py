@@ -113,9 +113,11 @@ class AiohttpTransport:
 
         session = self._open()
         url = self.base_url + request.path
+        # Bytes as stored, never a content-coding: Range offsets and hashes refer to them.
+        headers = {"Accept-Encoding": "identity", **request.headers}
         try:
             resp = await asyncio.wait_for(
-                session.request(request.method, url, headers=dict(request.headers), data=request.body,
+                session.request(request.method, url, headers=headers, data=request.body,
                                 allow_redirects=False), request.timeout_s)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise FleetUnreachable(f"cannot reach the fleet at {self.base_url}: {_describe(e)}") from e
@@ -131,8 +133,7 @@ class AiohttpTransport:
             # Close rather than release: a half-read body must not go back to the pool.
             resp.close()
 
-        headers = {k.lower(): v for k, v in resp.headers.items()}
-        return HttpResponse(resp.status, headers, body(), close)
+        return HttpResponse(resp.status, {k.lower(): v for k, v in resp.headers.items()}, body(), close)
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -1,35 +1,16 @@
 """What each device should run, served as a signed document, with long-poll.
 
-The document format, its canonical bytes and the device's verification live in
-`contract.assignment`, shared with the agent; this module decides the content
-and signs it. In short (version 1), ``GET /api/v1/devices/{id}/assignment``
-answers::
+The document's format, its canonical bytes, the envelope (`seal`) and the
+device's verification live in `contract.assignment`, shared with the agent;
+this module decides the content and signs it, at ``GET
+/api/v1/devices/{id}/assignment`` (the key at ``GET /api/v1/keys/assignment``).
 
-    {"payload": "<base64 of the canonical document bytes>",
-     "signature": "<base64 DER ECDSA P-256 / SHA-256 signature over those bytes>",
-     "key_id": "<sha256 hex of the fleet key's DER SubjectPublicKeyInfo>",
-     "algorithm": "ecdsa-p256-sha256",
-     "document": {...the same document, decoded, for people and logs...}}
-
-The canonical bytes are ``json.dumps(doc, sort_keys=True, separators=(",", ":"),
-ensure_ascii=False).encode("utf-8")`` of::
-
-    {"type": "outpost.assignment", "format": 1,
-     "device_id": "...", "serial": 7,
-     "issued_at": 1764400000.0, "expires_at": 1764486400.0,
-     "bundles": [{"name", "version", "ref", "release", "digest", "archive_sha256", "size",
-                  "revoked": false, "url": "/api/v1/bundles/NAME/VERSION/archive"}],
-     "revoked": ["name@version", ...]}
-
-A device verifies the signature over ``payload`` with the fleet key (``GET
-/api/v1/keys/assignment``) and only then parses the payload (never the
-``document`` copy). It refuses a document whose ``device_id`` is not its own
-(foreign), whose ``serial`` is lower than the highest it accepted (replay), or
-whose ``expires_at`` has passed (freeze: keep serving, install nothing new).
 The serial grows by one with every change of the device's set and with every
 revocation that concerns it, and is never reused; the same serial is re-signed
-with a fresh expiry on every request. ``revoked`` lists the revoked bundles the
-device is assigned or last reported installed: it must stop running them.
+with a fresh expiry on every request (a device refuses a lower serial as a
+replay and an expired document as a freeze). ``revoked`` lists the revoked
+bundles the device is assigned or last reported installed: it must stop
+running them.
 """
 
 from __future__ import annotations

@@ -140,8 +140,9 @@ async def test_a_blob_already_present_is_never_fetched_again(
     client = FleetClient(live_fleet.url, device[1].device_id, device[1].secret, counting)
     store = BlobStore(tmp_path / "agent")
     try:
-        first = await client.download(url, store, sha, size)
-        assert len(counting.requests) == 1 and counting.received == size
+        first, twin = await asyncio.gather(client.download(url, store, sha, size),
+                                           client.download(url, BlobStore(store.root), sha, size))
+        assert first == twin and len(counting.requests) == 1 and counting.received == size  # one fetch for both
         assert await client.download(url, store, sha, size) == first
         assert await client.download("/api/v1/bundles/other/9/archive", store, sha, size) == first
         assert len(counting.requests) == 1  # no request at all, whatever the URL
