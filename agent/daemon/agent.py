@@ -129,7 +129,6 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Life
         sampler = telemetry.Sampler(config.state_dir)
         builder = ReportBuilder(parts.dataplane, parts.store, parts.state, _version(),
                                 _hardware_doc(parts.hardware), sampler.sample)
-        parts.updater.on_event = builder.add_event
         parts.updater.on_switch = lambda: record_serving(parts)
         reporter = Reporter(client, builder.build, config.sync.report_period_s, config.sync.report_buffer)
         sync = SyncCoordinator(config, client, parts.updater, parts.store, parts.state, fleet_keys, parts.blobs)

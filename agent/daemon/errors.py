@@ -15,8 +15,11 @@ from ..errors import AgentError
 class UpdateRefused(AgentError):
     status = 409
 
-    def __init__(self, step: str, reason: str, *, permanent: bool = True) -> None:
+    def __init__(self, step: str, reason: str, *, permanent: bool = True, verdict: bool | None = None) -> None:
         super().__init__(f"{step}: {reason}")
         self.step = step
         self.reason = reason
         self.permanent = permanent
+        #: a refusal of what was received (reported as install_refused), not weather (install_failed);
+        #: bytes that failed their hash on the way are refused yet fetched again next time
+        self.verdict = permanent if verdict is None else verdict

@@ -1,7 +1,9 @@
 """The heartbeat the agent sends: built from the state records, the data plane and the system sampler.
 
-Events (refusals, switches, reverts) are taken once into the next report;
-the Reporter keeps reports (and so their events) through fleet outages.
+Every report carries the last `RECENT_EVENTS` events (refusals, switches,
+reverts), persisted in the agent state, so the fleet's latest view of the
+device shows them even after restarts; the fleet tells repeats apart by their
+`at`. The Reporter keeps reports through fleet outages.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from contract import Event, Health, ModelState, ModelStats, TelemetryWindow, bui
 from ..dataplane import DataPlane, ServedModel
 from .state import AgentState, StateStore
 
+RECENT_EVENTS = 20
+
 
 class ReportBuilder:
     def __init__(self, dataplane: DataPlane, store: StateStore, agent_state: AgentState, agent_version: str,
@@ -26,12 +30,8 @@ class ReportBuilder:
         self.agent_version = agent_version
         self.hardware = hardware
         self.sample = sample
-        self.events: list[Event] = []
         self._window_start = time.time()
         self._seen: dict[tuple[str, str], tuple[int, int]] = {}
-
-    def add_event(self, event: Event) -> None:
-        self.events = [*self.events, event][-100:]
 
     def _stats(self, sm: ServedModel) -> ModelStats:
         m = sm.metrics
@@ -68,7 +68,7 @@ class ReportBuilder:
                 if sm0 is not None:
                     entry["engine"] = sm0.runner.backend
                 bundles.append(entry)
-        events, self.events = self.events, []
+        events = [Event(**e) for e in self.state.events[-RECENT_EVENTS:]]
         window = TelemetryWindow(start=self._window_start, end=now, requests=sum(s.requests for s in
                                                                                  window_models.values()),
                                  errors=sum(s.errors for s in window_models.values()), system=self.sample(),

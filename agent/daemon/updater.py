@@ -200,7 +200,7 @@ class Updater:
             if refused.permanent and cand.digest:
                 rec.refused[cand.digest] = f"{refused.step}: {refused.reason}"
             self.store.save(rec)
-            self.event("install_refused" if refused.permanent else "install_failed", refused.step,
+            self.event("install_refused" if refused.verdict else "install_failed", refused.step,
                        refused.reason, cand.ref)
             return False
 
@@ -312,8 +312,8 @@ class Updater:
 def _as_refusal(e: Exception) -> UpdateRefused:
     if isinstance(e, UpdateRefused):
         return e
-    permanent = isinstance(e, (DownloadHashMismatch, DownloadTooLarge))
-    return UpdateRefused("download", str(e), permanent=permanent)
+    tampered = isinstance(e, (DownloadHashMismatch, DownloadTooLarge))
+    return UpdateRefused("download", str(e), permanent=False, verdict=tampered)
 
 
 def _hex(text: str) -> bool:
