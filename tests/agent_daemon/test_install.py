@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import subprocess
-from typing import Any
 
 import pytest
 
@@ -15,7 +14,7 @@ from agent.daemon.config import load
 from agent.daemon.errors import UpdateRefused
 from agent.runner import EngineSource
 from bundle import VerifiedBundle
-from engines import EngineResult, open_engine
+from engines import EngineCache, EngineOptions, EngineResult, Probe, open_engine
 from tests.agent_daemon.conftest import Version
 from tests.agent_daemon.harness import OUTPOST, REPO
 from tests.models.make_models import mlp
@@ -35,11 +34,14 @@ async def test_model_swapped_during_build_is_never_served_nor_cached(
     parts = assemble(config)
     other = mlp(seed=77).SerializeToString()
 
-    def swap_then_build(bundle: VerifiedBundle, model: str | None = None, **kw: Any) -> EngineResult:
+    def swap_then_build(bundle: VerifiedBundle, model: str | None = None, backend: str = "auto",
+                        options: EngineOptions | None = None,
+                        cache_dir: str | os.PathLike[str] | EngineCache | None = None,
+                        probe: Probe | None = None) -> EngineResult:
         path = bundle.model_path(model)
         os.chmod(path, 0o644)  # what an attacker with the agent's uid would have to do first
         path.write_bytes(other)
-        return open_engine(bundle, model, **kw)
+        return open_engine(bundle, model, backend, options, cache_dir, probe)
 
     parts.dataplane.engines = EngineSource(factory=swap_then_build, cache_dir=config.engine_cache_dir)
     with pytest.raises(UpdateRefused) as refused:

@@ -135,9 +135,11 @@ async def test_attacks_install_nothing_and_are_reported(tmp_path: pathlib.Path, 
         # 2. assignment signed by another key (same key id, so the signature itself fails) and by an unknown key
         other = Signer(ec.generate_private_key(ec.SECP256R1()))
         for key_id, error in (("keep", "BadSignature"), ("other", "WrongKey")):
-            transport.rewrite_assignment = lambda env, k=key_id: seal(
-                _doc(env), other.sign, env["key_id"] if k == "keep" else "ab" * 32)
-            fleet.assign(agent.device_id, versions["v1"].ref, )  # a fresh serial the agent must refuse
+            def resign(env: dict[str, Any], k: str = key_id) -> dict[str, Any]:
+                return seal(_doc(env), other.sign, env["key_id"] if k == "keep" else "ab" * 32)
+
+            transport.rewrite_assignment = resign
+            fleet.assign(agent.device_id, versions["v1"].ref)  # a fresh serial the agent must refuse
             await _until(lambda e=error: any(e in ev["reason"] for ev in _events(agent, "assignment_rejected")),
                          what=error)
             assert await serving("1.0.0")
