@@ -140,8 +140,10 @@ async def test_attacks_install_nothing_and_are_reported(tmp_path: pathlib.Path, 
 
             transport.rewrite_assignment = resign
             fleet.assign(agent.device_id, versions["v1"].ref)  # a fresh serial the agent must refuse
-            await _until(lambda e=error: any(e in ev["reason"] for ev in _events(agent, "assignment_rejected")),
-                         what=error)
+            def rejected(e: str = error) -> bool:
+                return any(e in ev["reason"] for ev in _events(agent, "assignment_rejected"))
+
+            await _until(rejected, what=error)
             assert await serving("1.0.0")
         transport.rewrite_assignment = None
 
