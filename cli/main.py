@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "engine": "engines.commands:engine_group",
     "doctor": "engines.commands:doctor_command",
     "agent": "agent.daemon.commands:agent_group",
+    "up": "cli.up:up_command",
 }
 
 #: Exit codes: 1 = refused / failed (verification, validation), 2 = usage (click's own).
