@@ -18,6 +18,7 @@ and loads each active version independently of the others.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import pathlib
 import time
@@ -143,7 +144,7 @@ class Updater:
             existing = self._existing_install(rec, cand)
             if existing is not None:  # switching back to a kept install: no download
                 vb = await asyncio.to_thread(self.installer.open_installed, existing)
-                inst = existing
+                inst = dataclasses.replace(existing, release=vb.manifest.release)
                 if inst.release < rec.floor:
                     raise UpdateRefused("verify", f"{cand.ref} has release {inst.release}, below this device's "
                                                   f"anti-rollback floor {rec.floor}")
@@ -211,9 +212,8 @@ class Updater:
         if cand.version and cand.digest:
             path = self.installer.target(cand.name, cand.version, cand.digest)
             archive = rec.archives.get(path.name)
-            if path.is_dir() and archive is not None:
-                vb_release = _release_of(path)
-                return Installed(cand.version, vb_release, cand.digest, archive, str(path))
+            if path.is_dir() and archive is not None:  # release: read from the verified copy by the caller
+                return Installed(cand.version, 0, cand.digest, archive, str(path))
         return None
 
     def _build(self, vb: VerifiedBundle) -> PreparedVersion:
@@ -318,11 +318,6 @@ def _as_refusal(e: Exception) -> UpdateRefused:
 
 def _hex(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
-
-
-def _release_of(path: pathlib.Path) -> int:
-    from bundle import load_manifest
-    return load_manifest(path).release
 
 
 def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
