@@ -14,24 +14,24 @@ import pathlib
 from collections.abc import Iterable
 
 from ..download import BlobStore
-from .install import remove_tree
+from .install import Installer
 from .state import BundleRecord
 
 log = logging.getLogger(__name__)
 
 
-def collect(record: BundleRecord, installs_dir: pathlib.Path, blobs: BlobStore, retain: int,
+def collect(record: BundleRecord, installer: Installer, blobs: BlobStore, retain: int,
             others: Iterable[BundleRecord] = ()) -> list[str]:
     """Remove what `record` no longer needs (mutates `record.archives`); returns what was removed."""
     keep = {pathlib.Path(i.path).name for i in (record.active, record.last_known_good) if i is not None}
     if record.pending is not None:
         keep.add(f"{record.pending.version}-{record.pending.digest[:16]}")
-    root = installs_dir / record.name
+    root = installer.installs_dir / record.name
     candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name not in keep),
                         key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []
     removed: list[str] = []
     for path in candidates[max(0, retain):]:
-        remove_tree(path)
+        installer.discard(path)
         removed.append(path.name)
         archive = record.archives.pop(path.name, None)
         still_used = {a for r in (record, *others) for a in r.archives.values()}

@@ -113,6 +113,16 @@ class Installer:
         for child in self.staging_dir.iterdir():
             remove_tree(child) if child.is_dir() else child.unlink(missing_ok=True)
 
+    def discard(self, path: pathlib.Path) -> None:
+        """Remove an install: renamed into staging first (atomic), so a kill mid-removal never leaves a
+        half-deleted directory under an install's name; staging is swept at the next start."""
+        if not path.exists():
+            return
+        trash = pathlib.Path(tempfile.mkdtemp(prefix="discard-", dir=self.staging_dir))
+        os.replace(path, trash / path.name)
+        fsync_dir(path.parent)
+        remove_tree(trash)
+
     def target(self, name: str, version: str, digest: str) -> pathlib.Path:
         return self.installs_dir / name / f"{version}-{digest[:16]}"
 
@@ -153,8 +163,11 @@ class Installer:
             check_hardware(m, hw)
             target = self.target(m.name, m.version, vb.digest)
             installed = Installed(m.version, m.release, vb.digest, archive_sha256, str(target))
-            if target.exists():  # a complete earlier install of the same digest (renames are atomic)
-                return self.open_installed(installed), installed
+            if target.exists():  # an earlier install of the same digest: use it if it is still intact
+                try:
+                    return self.open_installed(installed), installed
+                except UpdateRefused:
+                    self.discard(target)  # damaged since: replaced by the copy just verified
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             _make_read_only(unpacked)
             os.replace(unpacked, target)

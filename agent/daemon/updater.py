@@ -142,8 +142,14 @@ class Updater:
         self.store.save(rec)
         try:
             existing = self._existing_install(rec, cand)
-            if existing is not None:  # switching back to a kept install: no download
-                vb = await asyncio.to_thread(self.installer.open_installed, existing)
+            kept: VerifiedBundle | None = None
+            if existing is not None:  # switching back to a kept install: no download, if it is still intact
+                try:
+                    kept = await asyncio.to_thread(self.installer.open_installed, existing)
+                except UpdateRefused as e:
+                    log.warning("kept install %s is damaged (%s); installing it again", existing.path, e.reason)
+            if existing is not None and kept is not None:
+                vb = kept
                 inst = dataclasses.replace(existing, release=vb.manifest.release)
                 if inst.release < rec.floor:
                     raise UpdateRefused("verify", f"{cand.ref} has release {inst.release}, below this device's "
@@ -187,7 +193,7 @@ class Updater:
             self.event("switched", "commit", f"serving {vb.manifest.ref} (digest {inst.digest[:12]})",
                        vb.manifest.ref)
             others = [r for r in self.store.all() if r.name != rec.name]
-            collect(rec, self.installer.installs_dir, self.blobs, self.config.update.retain_versions, others)
+            collect(rec, self.installer, self.blobs, self.config.update.retain_versions, others)
             self.store.save(rec)
             return True
         except (UpdateRefused, FleetLinkError) as e:
