@@ -109,6 +109,20 @@ def record_serving(parts: AgentParts) -> None:
     parts.store.save_agent(parts.state)
 
 
+def _mqtt_transport(config: AgentConfig, device_id: str) -> tuple[Transport, ...]:
+    m = config.mqtt
+    if not m.url:
+        return ()
+    from ..mqtt.commands import mqtt_transport
+    from ..mqtt.settings import MqttSettings
+
+    settings = MqttSettings.from_url(
+        m.url, prefix=m.prefix or None, username=m.username or None, password=m.password or None,
+        ca_path=m.ca_file or None, cert_path=m.cert_file or None, key_path=m.key_file or None, qos=m.qos,
+        telemetry_interval_s=m.telemetry_s, device_id=device_id)
+    return (mqtt_transport(settings),)
+
+
 async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Lifecycle | None = None,
                     transport: HttpTransport | None = None, probe: Probe | None = None,
                     transports: tuple[Transport, ...] = ()) -> bool:
@@ -157,8 +171,10 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Life
                     await asyncio.wait_for(reporter.flush(), 5.0)
                 await client.aclose()
 
+        mqtt = _mqtt_transport(config, credential.device_id)
         try:
-            return await serve([], config.model_config(), config.server_config(), (*transports, background),
+            return await serve([], config.model_config(), config.server_config(),
+                               (*transports, *mqtt, background),
                                stop=stop, lifecycle=lifecycle, dataplane=parts.dataplane, started_at=started)
         finally:
             parts.state.pid = None

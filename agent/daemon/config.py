@@ -40,10 +40,22 @@ config file's directory. `agent/daemon/agent.example.toml` lists every key.
     max_queue = 128
     timeout_ms = 30000.0
     inline_compute_ms = 0.2
+
+    [mqtt]                          # the MQTT front end, as `outpost serve --mqtt` ("" url: off)
+    url = ""                       # mqtt://host[:port] or mqtts://host[:port]
+    prefix = ""                    # topic prefix ("": outpost/DEVICE_ID, the device id from the credential)
+    username = ""
+    password = ""                  # prefer $OUTPOST_MQTT_PASSWORD
+    ca_file = ""
+    cert_file = ""
+    key_file = ""
+    qos = 1
+    telemetry_s = 0.0              # publish health to PREFIX/telemetry this often (0: off)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -102,6 +114,19 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    url: str = ""
+    prefix: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    qos: int = 1
+    telemetry_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: pathlib.Path
     credential: pathlib.Path
@@ -113,6 +138,7 @@ class AgentConfig:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
 
     # -- derived locations under state_dir ----------------------------------------------
     @property
@@ -161,7 +187,7 @@ def _section(cls: type[Any], raw: Any, where: str) -> Any:
 
 
 def parse(doc: Mapping[str, Any], base_dir: pathlib.Path) -> AgentConfig:
-    unknown = sorted(set(doc) - {"agent", "sync", "update", "server", "model"})
+    unknown = sorted(set(doc) - {"agent", "sync", "update", "server", "model", "mqtt"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     agent = dict(doc.get("agent") or {})
@@ -189,7 +215,17 @@ def parse(doc: Mapping[str, Any], base_dir: pathlib.Path) -> AgentConfig:
         update=_section(UpdateConfig, doc.get("update"), "[update]"),
         http=_section(HttpConfig, doc.get("server"), "[server]"),
         serving=_section(ServingConfig, doc.get("model"), "[model]"),
+        mqtt=_mqtt(_section(MqttConfig, doc.get("mqtt"), "[mqtt]"), base_dir),
     )
+
+
+def _mqtt(m: MqttConfig, base_dir: pathlib.Path) -> MqttConfig:
+    def resolve(path: str) -> str:
+        return str((base_dir / path).resolve()) if path else ""
+
+    return dataclasses.replace(m, password=m.password or os.environ.get("OUTPOST_MQTT_PASSWORD", ""),
+                               ca_file=resolve(m.ca_file), cert_file=resolve(m.cert_file),
+                               key_file=resolve(m.key_file))
 
 
 def load(path: str | os.PathLike[str]) -> AgentConfig:

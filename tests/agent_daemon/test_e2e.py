@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import threading
@@ -89,3 +90,34 @@ def test_assign_switch_under_load_refuse_broken_and_go_back(tmp_path: pathlib.Pa
         assert version == "1.0.0"
         np.testing.assert_allclose(y, versions["v1"].expect(x), rtol=1e-5)
         assert agent.stop() == 0
+
+
+def test_mqtt_front_end_answers_what_the_fleet_assigned(tmp_path: pathlib.Path, versions: dict[str, Version],
+                                                        keypair: tuple[pathlib.Path, pathlib.Path]) -> None:
+    from tests.agent.mqtt_broker import Requester, running_broker
+
+    fleet = Fleet(tmp_path / "fleet", keypair[1])
+    fleet.start()
+    with running_broker(tmp_path / "broker") as broker:
+        agent = Agent(tmp_path / "device", fleet, keypair[1], mqtt__url=broker.url, mqtt__prefix="site/dev1")
+        with running(fleet, agent):
+            fleet.push(versions["v1"].archive)
+            agent.start()
+            fleet.assign(agent.device_id, versions["v1"].ref)
+            agent.wait_serving("demo", "1.0.0")
+            x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
+            body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                           "data": x.ravel().tolist()}]})
+            req = Requester(broker.port).connect()
+            try:
+                req.subscribe("site/dev1/replies/t1")
+                req.publish("site/dev1/models/demo/infer", body, response_topic="site/dev1/replies/t1",
+                            correlation=b"c1")
+                reply = req.get(timeout_s=20)
+            finally:
+                req.close()
+            doc = json.loads(reply.payload)
+            assert reply.correlation == b"c1" and doc["model_version"] == "1.0.0"
+            np.testing.assert_allclose(np.asarray(doc["outputs"][0]["data"], np.float32).reshape(1, 10),
+                                       versions["v1"].expect(x), rtol=1e-5)
+            assert agent.stop() == 0
