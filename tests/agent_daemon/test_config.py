@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 
 import pytest
 
 from agent.daemon import config as cfg
 from agent.errors import ConfigError
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 EXAMPLE = pathlib.Path(cfg.__file__).with_name("agent.example.toml")
 
 
 def test_example_file_shows_every_key_with_its_default() -> None:
-    doc = cfg.tomllib.loads(EXAMPLE.read_text())  # tomllib, or tomli on Python 3.10
+    doc = tomllib.loads(EXAMPLE.read_text())
     parsed = cfg.parse(doc, EXAMPLE.parent)
     for section, cls, value in (("sync", cfg.SyncConfig, parsed.sync), ("update", cfg.UpdateConfig, parsed.update),
                                 ("server", cfg.HttpConfig, parsed.http), ("model", cfg.ServingConfig, parsed.serving),
