@@ -141,8 +141,11 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Life
         client = FleetClient(config.fleet_url or credential.fleet_url, credential.device_id, credential.secret,
                              transport, ca_file=config.ca_file)
         sampler = telemetry.Sampler(config.state_dir)
-        builder = ReportBuilder(parts.dataplane, parts.store, parts.state, _version(),
-                                _hardware_doc(parts.hardware), sampler.sample)
+        hw = parts.hardware
+        builder = ReportBuilder(parts.dataplane, parts.store, parts.state, _version(), _hardware_doc(hw),
+                                sampler.sample, {"onnxruntime": hw.onnxruntime_version, "tensorrt": hw.tensorrt_version,
+                                                 "cuda": hw.cuda_version, "driver": hw.driver_version,
+                                                 "l4t": hw.l4t_release})
         parts.updater.on_switch = lambda: record_serving(parts)
         reporter = Reporter(client, builder.build, config.sync.report_period_s, config.sync.report_buffer)
         sync = SyncCoordinator(config, client, parts.updater, parts.store, parts.state, fleet_keys, parts.blobs)

@@ -23,13 +23,15 @@ RECENT_EVENTS = 20
 
 class ReportBuilder:
     def __init__(self, dataplane: DataPlane, store: StateStore, agent_state: AgentState, agent_version: str,
-                 hardware: dict[str, Any], sample: Callable[[], dict[str, float]]) -> None:
+                 hardware: dict[str, Any], sample: Callable[[], dict[str, float]],
+                 runtime: dict[str, str | None] | None = None) -> None:
         self.dataplane = dataplane
         self.store = store
         self.state = agent_state
         self.agent_version = agent_version
         self.hardware = hardware
         self.sample = sample
+        self.runtime = {"python": platform.python_version(), **(runtime or {})}
         self._window_start = time.time()
         self._seen: dict[tuple[str, str], tuple[int, int]] = {}
 
@@ -78,5 +80,5 @@ class ReportBuilder:
             "degraded", "; ".join(f"{k}: {v}" for k, v in self.dataplane.failed.items())[:2000])
         assignment = {"serial": self.state.serial, "expires_at": self.state.expires_at} if self.state.serial else None
         return build_report(agent_version=self.agent_version, time=now, hardware=self.hardware,
-                            runtime={"python": platform.python_version()}, bundles=bundles[:64], models=models[:64],
+                            runtime=self.runtime, bundles=bundles[:64], models=models[:64],
                             health=health, assignment=assignment, events=events, telemetry=[window])

@@ -70,6 +70,18 @@ def test_assign_switch_under_load_refuse_broken_and_go_back(tmp_path: pathlib.Pa
         st = agent.status()
         (rec,) = st["bundles"]
         assert rec["active"] == "2.0.0" and rec["last_known_good"] == "1.0.0"
+        # the fleet's view of the device, from its heartbeats: versions per slot, engine, runtime
+        deadline = time.monotonic() + 20
+        while True:
+            state = fleet.api("GET", f"/api/v1/devices/{agent.device_id}").get("state") or {}
+            models = {m["name"]: m for m in state.get("models", [])}
+            if models.get("demo", {}).get("active") == "2.0.0" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        demo = models["demo"]
+        assert demo["last_known_good"] == "1.0.0" and demo["backend"] == "ort-cpu", demo
+        assert demo["stats"]["requests"] > 0 and state["runtime"]["onnxruntime"]
+        assert state["assignment"]["serial"] == st["assignment"]["serial"]
 
         # a broken v3 (NaN outputs) fails its health gate: refused, v2 keeps serving
         fleet.assign(agent.device_id, versions["v3"].ref)
