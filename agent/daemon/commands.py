@@ -71,7 +71,8 @@ def status_doc(config_path: pathlib.Path) -> dict[str, Any]:
             "staged": rec.pending.version if rec.pending else None,
             "staged_step": rec.pending.step if rec.pending else None,
             "last_known_good": rec.last_known_good.version if rec.last_known_good else None,
-            "floor": rec.floor, "failed_starts": rec.failed_starts,
+            "floor": rec.floor,
+            "failed_starts": store.failed_starts(rec.name, rec.active.digest) if rec.active else 0,
             "last_failure": rec.last_failure, "refused": rec.refused,
         })
     return {"device_id": state.device_id, "running_pid": state.pid, "assignment": {

@@ -71,10 +71,13 @@ class BundleRecord:
     pending: Pending | None = None
     #: anti-rollback floor: the highest release ever committed here; lower releases are refused
     floor: int = 0
-    #: starts since the active version was switched to (or last ran stable), each counted before loading
-    failed_starts: int = 0
-    #: bundle digest -> why it is refused for good (verification, gate, crash loop); not retried
+    #: bundle digest -> why it was refused (verification, gate, crash loop); not retried while the
+    #: assignment serial it was refused under stands (see `refused_serial`)
     refused: dict[str, str] = field(default_factory=dict)
+    #: bundle digest -> the serial it was refused under: a new assignment (a new serial) may retry it, since
+    #: a refusal can come from the moment (a gate's latency on a busy device); absent = refused for good
+    #: (a crash loop)
+    refused_serial: dict[str, int] = field(default_factory=dict)
     #: the last failure of an update: {"ref", "step", "reason", "at"}
     last_failure: dict[str, Any] | None = None
     #: install directory name -> sha256 of the archive it came from (GC keeps the archives of kept installs)
@@ -82,6 +85,12 @@ class BundleRecord:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def is_refused(self, digest: str, serial: int | None) -> bool:
+        if digest not in self.refused:
+            return False
+        under = self.refused_serial.get(digest)
+        return under is None or under == serial
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> BundleRecord:
@@ -91,7 +100,8 @@ class BundleRecord:
         pending = doc.get("pending")
         return cls(name=doc["name"], active=inst(doc.get("active")), last_known_good=inst(doc.get("last_known_good")),
                    pending=Pending(**pending) if pending else None, floor=int(doc.get("floor", 0)),
-                   failed_starts=int(doc.get("failed_starts", 0)), refused=dict(doc.get("refused") or {}),
+                   refused=dict(doc.get("refused") or {}),
+                   refused_serial={k: int(v) for k, v in (doc.get("refused_serial") or {}).items()},
                    last_failure=doc.get("last_failure"), archives=dict(doc.get("archives") or {}))
 
 
@@ -147,6 +157,17 @@ class StateStore:
 
     def names(self) -> list[str]:
         return sorted(p.stem for p in self.bundles_dir.glob("*.json"))
+
+    # -- the crash-loop start counter -----------------------------------------------------
+    # Its own file, written only at start (count before loading) and when a start became stable, so an
+    # update saving the bundle record meanwhile never writes back a stale count. It counts for one digest:
+    # a switch to another version starts it from zero without touching it.
+    def failed_starts(self, name: str, digest: str) -> int:
+        doc = self._read(self._bundle_path(name).with_suffix(".starts"))
+        return int(doc.get("count", 0)) if doc is not None and doc.get("digest") == digest else 0
+
+    def set_failed_starts(self, name: str, digest: str, count: int) -> None:
+        self._write(self._bundle_path(name).with_suffix(".starts"), {"digest": digest, "count": count})
 
     def all(self) -> list[BundleRecord]:
         return [self.load(n) for n in self.names()]

@@ -93,7 +93,7 @@ class Updater:
             rec = self.store.load(entry.name)
             if rec.active is not None and rec.active.digest == entry.digest:
                 return True
-            if entry.digest in rec.refused:
+            if rec.is_refused(entry.digest, self.serial):
                 return False
             return await self._update(rec, cand, lambda: fetch(entry))
 
@@ -180,7 +180,6 @@ class Updater:
             if rec.active is not None and rec.active.digest != inst.digest:
                 rec.last_known_good = rec.active
             rec.active = inst
-            rec.failed_starts = 0
             self.store.step(rec, "switched")
             await self.dataplane.swap(prepared)
             prepared = None
@@ -206,6 +205,8 @@ class Updater:
                                 "at": time.time()}
             if refused.permanent and cand.digest:
                 rec.refused[cand.digest] = f"{refused.step}: {refused.reason}"
+                if self.serial is not None:
+                    rec.refused_serial[cand.digest] = self.serial
             self.store.save(rec)
             self.event("install_refused" if refused.verdict else "install_failed", refused.step,
                        refused.reason, cand.ref)
@@ -268,16 +269,18 @@ class Updater:
         if rec.active is None:
             return
         limit = self.config.update.max_failed_starts
-        if rec.failed_starts >= limit and rec.last_known_good is not None:
+        failed = self.store.failed_starts(rec.name, rec.active.digest)
+        if failed >= limit and rec.last_known_good is not None:
             # (with no last-known-good, the only version there is keeps being tried)
             bad = rec.active
-            rec.refused[bad.digest] = f"crash loop: {rec.failed_starts} starts did not become stable"
-            rec.active, rec.last_known_good, rec.failed_starts = rec.last_known_good, None, 0
+            rec.refused[bad.digest] = f"crash loop: {failed} starts did not become stable"
+            rec.refused_serial.pop(bad.digest, None)  # for good: reassigning it would crash again
+            rec.active, rec.last_known_good = rec.last_known_good, None
             self.store.save(rec)
             self.event("reverted", "revert", f"{rec.name} {bad.ref_suffix} failed {limit} starts; back to "
                                            f"last-known-good {rec.active.ref_suffix}", f"{rec.name}@{bad.version}")
-        rec.failed_starts += 1
-        self.store.save(rec)
+            failed = self.store.failed_starts(rec.name, rec.active.digest)
+        self.store.set_failed_starts(rec.name, rec.active.digest, failed + 1)
         ref = f"{rec.name}@{rec.active.version}"
         faults.reached(f"load:{ref}")
         try:
@@ -287,8 +290,7 @@ class Updater:
             self.dataplane.mark_failed(rec.name, f"{e.step}: {e.reason}")
             self.event("install_failed", "start", f"{e.step}: {e.reason}", ref)
             if rec.last_known_good is not None:  # the active copy is broken: last-known-good now, no loop needed
-                rec.failed_starts = limit
-                self.store.save(rec)
+                self.store.set_failed_starts(rec.name, rec.active.digest, limit)
                 await self._boot_one(rec)
             return
         await self.dataplane.swap(prepared)
@@ -296,9 +298,8 @@ class Updater:
     def mark_stable(self) -> None:
         """Called once the agent has served for `stable_after_s`: the failed-start counters go back to 0."""
         for rec in self.store.all():
-            if rec.failed_starts:
-                rec.failed_starts = 0
-                self.store.save(rec)
+            if rec.active is not None and self.store.failed_starts(rec.name, rec.active.digest):
+                self.store.set_failed_starts(rec.name, rec.active.digest, 0)
 
     async def retire(self, names: set[str]) -> None:
         """Stop serving bundles the assignment no longer lists (their install stays as last-known-good)."""

@@ -136,7 +136,7 @@ def test_sigkill_at_random_points_of_updates_leaves_one_complete_verified_versio
     fleet.start()
     # retain_versions = 0: the version assigned next was collected, so each update downloads and installs again
     agent = Agent(tmp_path / "device", fleet, keypair[1], update__retain_versions=0, update__health_runs=2,
-                  update__stable_after_s=0.5, sync__report_period_s=5.0)
+                  update__stable_after_s=0.2, sync__report_period_s=5.0)
     with running(fleet, agent):
         for v in rotation:
             fleet.push(v.archive)
