@@ -6,7 +6,8 @@ verified bundle whose engine does not load is reported (log, `ready` 503, the
 reason in its metadata) and the others are served; the command fails only when
 no model loads. Without it, bundles are loaded unverified for the developer loop and
 the command says so loudly, once per bundle. The agent daemon reuses `serve()`
-with verified bundles only.
+with verified bundles only, through its `Lifecycle` hooks; a bundle that
+fails to load is recorded (`DataPlane.failed`) and the others still serve.
 
 Other transports plug in without touching this command's body: a `Transport`
 is a callable that takes the running DataPlane and returns an async context
@@ -19,17 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import logging
-import signal
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
 
 import bundle
 from engines import EngineOptions
+from runtime import LoopUnavailable, run_loop, stop_on_signals
 from runtime.sdnotify import Notifier
 
 from .config import ModelConfig, ServerConfig
@@ -58,59 +61,131 @@ def load_bundles(dirs: Sequence[str], trust: Sequence[str]) -> list[bundle.Verif
     return loaded
 
 
-async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelConfig, server_config: ServerConfig,
-                transports: Sequence[Transport] = (), started_at: float | None = None,
-                stop: asyncio.Event | None = None) -> bool:
-    """Load, serve until SIGTERM/SIGINT (or `stop`), drain. Returns True if every in-flight request finished."""
-    dataplane = DataPlane()
-    notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
-    for vb in bundles:  # one bundle that does not load must not take the others down
-        # An engine build (TensorRT) can outlast TimeoutStartSec: each model gets its own allowance.
-        notifier.extend_timeout(LOAD_ALLOWANCE_S, f"loading {vb.manifest.ref}")
+@dataclass
+class Lifecycle:
+    """What the embedding program does at each stage of serving; every hook is optional.
+
+    `outpost serve` prints, the daemon starts its sync coordinator, systemd
+    notification sends READY=1 / STOPPING=1: all through these, none inside
+    `serve()`. Hooks may be plain functions or coroutines.
+    """
+
+    #: after the bundles are loaded and every transport listens: (dataplane, server, seconds since start)
+    on_ready: Callable[[DataPlane, HttpServer, float], Any] | None = None
+    #: the stop event fired; new requests are refused from here on
+    on_stopping: Callable[[], Any] | None = None
+    #: the server is closed; True if every in-flight request finished
+    on_stopped: Callable[[bool], Any] | None = None
+    #: a bundle failed to load at start: (its ref, the error); the others still serve
+    on_load_failed: Callable[[str, BaseException], Any] | None = None
+
+
+async def _call(hook: Callable[..., Any] | None, *args: Any) -> None:
+    if hook is not None:
+        result = hook(*args)
+        if inspect.isawaitable(result):
+            await result
+
+
+async def load_each(dataplane: DataPlane, bundles: Sequence[bundle.VerifiedBundle], model_config: ModelConfig,
+                    lifecycle: Lifecycle, notifier: Notifier | None = None) -> None:
+    """Load every bundle independently: one that fails is recorded and reported; the others serve."""
+    for vb in bundles:
+        if notifier is not None:
+            # An engine build (TensorRT) can outlast TimeoutStartSec: each model gets its own allowance.
+            notifier.extend_timeout(LOAD_ALLOWANCE_S, f"loading {vb.manifest.ref}")
         try:
-            await asyncio.to_thread(dataplane.load_bundle, vb, model_config)
+            prepared = await asyncio.to_thread(dataplane.prepare, vb, model_config)
         except Exception as e:
             for f in dataplane.record_failure(vb, e):
                 log.error("model %s@%s did not load: %s", f.name, f.version, f.reason)
-                click.secho(f"outpost serve: NOT serving {f.name}@{f.version}: {f.reason}", fg="red", err=True)
-    if not dataplane.models():
-        raise click.ClickException("no model could be loaded; see the errors above")
-    for sm in dataplane.models():
-        if sm.runner.parity_note:
-            click.secho(f"outpost serve: {sm.name}@{sm.version} parity {sm.runner.parity_note}", fg="yellow", err=True)
-    # Start-up leaves a large heap of long-lived objects (model-signing, schema, runtime bindings):
-    # freeze them so the collector's full passes under load skip what will never be garbage.
-    gc.collect()
-    gc.freeze()
-    server = HttpServer(dataplane, server_config)
-    await server.start()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    async with contextlib.AsyncExitStack() as stack:
-        for transport in transports:
-            await stack.enter_async_context(transport(dataplane))
-        names = ", ".join(f"{sm.name}@{sm.version} ({sm.runner.backend}, batch {sm.max_batch_size})"
-                          for sm in dataplane.models())
-        took = f" in {time.monotonic() - started_at:.2f} s" if started_at is not None else ""
-        click.echo(f"outpost serve: ready on {server.url}{took}; models: {names}", err=True)
-        notifier.ready(f"serving {len(dataplane.models())} model(s) on {server.url}: {names}")
-        await stack.enter_async_context(notifier.watchdog([_live_check(dataplane)]))
-        await stop.wait()
-        click.echo("outpost serve: stopping (draining in-flight requests)", err=True)
-        dataplane.begin_drain()
-        notifier.stopping(f"draining {dataplane.in_flight} in-flight request(s)")
-    drained = await server.stop()
-    notifier.close()
-    click.echo(f"outpost serve: stopped{'' if drained else ' (some requests were cut off)'}", err=True)
+            await _call(lifecycle.on_load_failed, vb.manifest.ref, e)
+            continue
+        await dataplane.swap(prepared)
+
+
+class NothingLoaded(click.ClickException):
+    """`outpost serve` was given bundles and not one of them loaded: nothing to serve."""
+
+    def __init__(self) -> None:
+        super().__init__("no model could be loaded; see the errors above")
+
+
+async def serve(bundles: Sequence[bundle.VerifiedBundle], model_config: ModelConfig, server_config: ServerConfig,
+                transports: Sequence[Transport] = (), *, stop: asyncio.Event, lifecycle: Lifecycle | None = None,
+                dataplane: DataPlane | None = None, started_at: float | None = None, require_models: bool = False,
+                watchdog_checks: Sequence[Callable[[], str | None]] = ()) -> bool:
+    """Load, serve until `stop` is set, drain. Returns True if every in-flight request finished.
+
+    Installs no signal handler and prints nothing: the caller decides both
+    (`runtime.stop_on_signals(stop)`, `lifecycle`). `transports` start after
+    HTTP and stop before it, in reverse order; the daemon's sync coordinator is one.
+    Under systemd (`NOTIFY_SOCKET`) it says READY=1 once the loaded models serve,
+    pings the watchdog while the loop, the data plane and `watchdog_checks` are
+    healthy, and says STOPPING=1 when the drain begins. `require_models`: raise
+    `NothingLoaded` when bundles were given and none loaded (`outpost serve`; the
+    daemon may start with nothing installed).
+    """
+    lifecycle = lifecycle or Lifecycle()
+    started_at = time.monotonic() if started_at is None else started_at
+    dataplane = dataplane or DataPlane(drain_timeout_s=server_config.drain_timeout_s)
+    notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
+    try:
+        await load_each(dataplane, bundles, model_config, lifecycle, notifier)
+        if require_models and bundles and not dataplane.active_models():
+            raise NothingLoaded()
+        # Start-up leaves a large heap of long-lived objects (model-signing, schema, runtime bindings):
+        # freeze them so the collector's full passes under load skip what will never be garbage.
+        gc.collect()
+        gc.freeze()
+        server = HttpServer(dataplane, server_config)
+        await server.start()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for transport in transports:
+                    await stack.enter_async_context(transport(dataplane))
+                await _call(lifecycle.on_ready, dataplane, server, time.monotonic() - started_at)
+                served = [f"{sm.name}@{sm.version}" for sm in dataplane.active_models()]
+                notifier.ready(f"serving {len(served)} model(s) on {server.url}: {', '.join(served) or 'none'}")
+                await stack.enter_async_context(notifier.watchdog([_live_check(dataplane), *watchdog_checks]))
+                await stop.wait()
+                await _call(lifecycle.on_stopping)
+                dataplane.begin_drain()
+                notifier.stopping(f"draining {dataplane.in_flight} in-flight request(s)")
+        finally:
+            drained = await server.stop()
+    finally:
+        notifier.close()
+    await _call(lifecycle.on_stopped, drained)
     return drained
 
 
 def _live_check(dataplane: DataPlane) -> Callable[[], str | None]:
     """The watchdog's self-check for a data plane: it must still be live."""
     return lambda: None if dataplane.server_live() else "data plane is no longer live"
+
+
+def console_lifecycle(prog: str = "outpost serve") -> Lifecycle:
+    """The lines `outpost serve` prints on stderr at each stage."""
+
+    def ready(dataplane: DataPlane, server: HttpServer, took_s: float) -> None:
+        names = ", ".join(f"{sm.name}@{sm.version} ({sm.runner.backend}, batch {sm.max_batch_size})"
+                          for sm in dataplane.active_models()) or "none"
+        click.echo(f"{prog}: ready on {server.url} in {took_s:.2f} s; models: {names}", err=True)
+        for sm in dataplane.active_models():
+            if sm.runner.parity_note:
+                click.secho(f"{prog}: {sm.name}@{sm.version} parity {sm.runner.parity_note}", fg="yellow", err=True)
+        for name, reason in dataplane.failed.items():
+            click.secho(f"{prog}: {name} is NOT served: {reason}", fg="red", err=True)
+
+    def stopped(drained: bool) -> None:
+        click.echo(f"{prog}: stopped{'' if drained else ' (some requests were cut off)'}", err=True)
+
+    def load_failed(ref: str, error: BaseException) -> None:
+        click.secho(f"{prog}: NOT serving {ref}: {error}", fg="red", err=True)
+
+    return Lifecycle(on_ready=ready, on_stopping=lambda: click.echo(
+        f"{prog}: stopping (draining in-flight requests)", err=True), on_stopped=stopped, on_load_failed=load_failed)
 
 
 @click.command("serve")
@@ -169,17 +244,18 @@ def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tup
     transports: list[Transport] = []
     if mqtt_transport is not None:
         transports.append(mqtt_transport)
-    run_loop(serve(bundles, model_config, server_config, transports, started_at=started), loop_name)
+    async def main() -> bool:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        return await serve(bundles, model_config, server_config, transports, stop=stop,
+                           lifecycle=console_lifecycle(), started_at=started, require_models=True)
+
+    run_command_loop(main(), loop_name)
 
 
-def run_loop(main: Coroutine[Any, Any, T], loop_name: str = "auto") -> T:
-    """uvloop where installed (less event-loop time per request on small models), else asyncio."""
-    if loop_name != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if loop_name == "uvloop":
-                raise click.UsageError("--loop uvloop: uvloop is not installed") from None
-        else:
-            return uvloop.run(main)
-    return asyncio.run(main)
+def run_command_loop(main: Coroutine[Any, Any, T], loop_name: str) -> T:
+    """`runtime.run_loop` with a click usage error for an event loop that is not installed."""
+    try:
+        return run_loop(main, loop_name)
+    except LoopUnavailable as e:
+        raise click.UsageError(f"--loop {loop_name}: {e}") from None

@@ -8,7 +8,22 @@ metrics, so both transports behave the same on every request.
 
 Naming: a bundle with one model is served under the bundle's name; a bundle
 with several serves each as `<bundle>.<model>`. The version is the bundle's
-version; a request without one gets the highest release loaded.
+version; a request without one goes to the model's *active* version.
+
+Changing what is served (zero-downtime switch):
+
+    prepared = await asyncio.to_thread(dp.prepare, bundle, config)   # off the loop: engines built, warmed
+    await dp.swap(prepared)                                           # on the loop: pointer moves, old drains
+
+The model table and the active-version pointers are only ever written on the
+event loop (`swap`, `activate`, `unload`), so a request sees one consistent
+table. `swap` points each model name at the new version in one step: new
+requests go there at once, while requests already queued or running on the
+old version finish on it; only then is the old one closed (unless kept
+loaded for an instant switch back, `keep_previous=True`). `activate` points a
+name back at a version still loaded, which is how last-known-good is
+restored. Models whose load failed are recorded in `failed` with the reason,
+so health and the fleet report can say why a model is missing.
 
 Deadlines are absolute `time.monotonic()` seconds (`deadline_after(ms)` makes
 one); None applies the model's default `timeout_ms`.
@@ -30,7 +45,7 @@ from .config import ModelConfig
 from .errors import AgentError, ModelNotFound, Unavailable
 from .metrics import ModelMetrics, ServingMetrics, TailLatency
 from .protocol import SPEC_DATATYPES, InferRequest, InferResponse, build_response, count_non_finite
-from .runner import Runner
+from .runner import EngineSource, Runner
 from .validation import Validator, batch_dim
 
 SERVER_NAME = "outpost"
@@ -63,6 +78,28 @@ class ServedModel:
     metrics: ModelMetrics
     max_batch_size: int
     max_queue_delay_ms: float
+    #: requests that entered this version and have not answered (drain waits for 0)
+    active_requests: int = 0
+    idle: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self.active_requests += 1
+
+    def leave(self) -> None:
+        self.active_requests -= 1
+        if self.active_requests == 0 and self.idle is not None:
+            self.idle.set()
+
+    async def drained(self, timeout_s: float | None) -> bool:
+        """Wait until no request is inside this version; False at the timeout."""
+        if self.active_requests == 0:
+            return True
+        self.idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return self.active_requests == 0
+        return True
 
     @property
     def verified(self) -> bool:
@@ -124,68 +161,75 @@ def served_names(manifest: Manifest) -> list[tuple[ModelEntry, str]]:
     return [(m, f"{manifest.name}.{m.name}" if several else manifest.name) for m in manifest.models]
 
 
+@dataclass(frozen=True)
+class PreparedVersion:
+    """Every model of one bundle version, loaded and warm, not yet routed to (see `DataPlane.swap`)."""
+
+    bundle: VerifiedBundle
+    models: tuple[ServedModel, ...]
+
+    @property
+    def ref(self) -> str:
+        return self.bundle.manifest.ref
+
+    def close(self) -> None:
+        """Release a prepared version that will not be swapped in (blocking)."""
+        for sm in self.models:
+            sm.runner.close()
+
+
 class DataPlane:
-    def __init__(self, metrics: ServingMetrics | None = None, *, name: str = SERVER_NAME) -> None:
+    def __init__(self, metrics: ServingMetrics | None = None, *, name: str = SERVER_NAME,
+                 engines: EngineSource | None = None, drain_timeout_s: float = 60.0) -> None:
         self.metrics = metrics or ServingMetrics()
         self.name = name
+        self.engines = engines or EngineSource()
+        self.drain_timeout_s = drain_timeout_s
         self._models: dict[tuple[str, str], ServedModel] = {}
-        #: models asked for that did not load (`record_failure`); never served, reported
-        self._failed: dict[tuple[str, str], FailedModel] = {}
+        #: model name -> version that requests without a version go to
+        self._active: dict[str, str] = {}
+        #: model (or bundle) name -> why it is not served (last failed load); cleared by a successful swap
+        self.failed: dict[str, str] = {}
+        #: models asked for at start-up that did not load (`record_failure`): ready 503, metadata the reason
+        self._failed_models: dict[tuple[str, str], FailedModel] = {}
+        #: switches done per model name (the metrics show them as outpost_model_switches)
+        self.switches: dict[str, int] = {}
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
         self._draining = False
         self._live = True
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.metrics.track_switches(self._switch_samples)
 
-    # ------------------------------------------------------------------ model registry
+    # ------------------------------------------------------------------ preparing and switching
 
-    def load_bundle(self, bundle: VerifiedBundle, config: ModelConfig | None = None,
-                    cache_dir: str | None = None) -> list[ServedModel]:
-        """Load every model of a bundle (blocking: engines compile/load here)."""
+    def prepare(self, bundle: VerifiedBundle, config: ModelConfig | None = None,
+                engines: EngineSource | None = None) -> PreparedVersion:
+        """Build (or fetch from cache) and load every model of a bundle; blocking, run it off the loop.
+
+        Touches nothing that requests read: the result serves nothing until `swap`.
+        """
         config = config or ModelConfig()
-        manifest = bundle.manifest
+        source = engines or self.engines
         loaded: list[ServedModel] = []
         try:
-            for entry, name in served_names(manifest):
-                if (name, manifest.version) in self._models:
-                    raise AgentError(f"model {name!r} version {manifest.version!r} is already loaded")
-                loaded.append(self._load_model(bundle, entry.name, name, config, cache_dir))
+            for entry, name in served_names(bundle.manifest):
+                loaded.append(self._load_model(bundle, entry.name, name, config, source))
         except BaseException:
             for sm in loaded:
                 sm.runner.close()
-                self.metrics.remove(sm.metrics)
             raise
-        for sm in loaded:
-            self._models[(sm.name, sm.version)] = sm
-            self._failed.pop((sm.name, sm.version), None)
-        return loaded
-
-    def record_failure(self, bundle: VerifiedBundle, error: BaseException) -> list[FailedModel]:
-        """Remember that a bundle's models did not load, and why (ready says 503, metadata the reason)."""
-        reason = str(error) or type(error).__name__
-        failed = [FailedModel(name, bundle.manifest.version, bundle, entry, reason)
-                  for entry, name in served_names(bundle.manifest)
-                  if (name, bundle.manifest.version) not in self._models]
-        for f in failed:
-            self._failed[(f.name, f.version)] = f
-        return failed
-
-    def failed(self) -> list[FailedModel]:
-        return list(self._failed.values())
-
-    def _failed_model(self, model: str, version: str | None) -> FailedModel | None:
-        if version:
-            return self._failed.get((model, version))
-        return next((f for (n, _), f in self._failed.items() if n == model), None)
+        return PreparedVersion(bundle, tuple(loaded))
 
     def _load_model(self, bundle: VerifiedBundle, entry: str, name: str, config: ModelConfig,
-                    cache_dir: str | None) -> ServedModel:
+                    source: EngineSource) -> ServedModel:
         manifest = bundle.manifest
         batching = manifest.serving.batching
         max_batch = config.max_batch_size if config.max_batch_size is not None else batching.max_batch_size
         delay_ms = config.max_queue_delay_ms if config.max_queue_delay_ms is not None else batching.max_queue_delay_ms
         runner = Runner.open(bundle, entry, instances=config.instances, options=config.engine_options,
-                             backend=config.backend, cache_dir=cache_dir, inline_compute_ms=config.inline_compute_ms)
-        m = self.metrics.for_model(name, manifest.version, runner.backend)
+                             backend=config.backend, source=source, inline_compute_ms=config.inline_compute_ms)
+        m = self.metrics.new_model(name, manifest.version, runner.backend)
         batcher = AdaptiveBatcher(
             runner, max_batch_size=max_batch, max_queue_delay_ms=delay_ms, max_queue=config.max_queue,
             batchable=batch_dim(runner.inputs, runner.outputs) is not None,
@@ -196,13 +240,125 @@ class DataPlane:
         return ServedModel(name, manifest.version, manifest.release, bundle, config, runner, batcher, validator, m,
                            batcher.max_batch_size, delay_ms)
 
+    async def swap(self, prepared: PreparedVersion, *, keep_previous: bool = False) -> list[ServedModel]:
+        """Route each of the prepared models' names to it, at once; drain and close what it replaces.
+
+        On the event loop, no await between the table writes: a request sees the
+        old table or the new one. Returns the versions replaced (closed once
+        drained, in the background, unless `keep_previous`).
+        """
+        replaced: list[ServedModel] = []
+        for sm in prepared.models:
+            key = (sm.name, sm.version)
+            existing = self._models.get(key)
+            if existing is not None:  # the same version is loaded already: keep it, drop the duplicate
+                self._retire_later(sm, register=False)
+                sm = existing
+            else:
+                self._models[key] = sm
+                self.metrics.add(sm.metrics)
+            old_version = self._active.get(sm.name)
+            self._active[sm.name] = sm.version
+            self.failed.pop(sm.name, None)
+            self._failed_models.pop((sm.name, sm.version), None)
+            if old_version is not None and old_version != sm.version:
+                self.switches[sm.name] = self.switches.get(sm.name, 0) + 1
+                old = self._models.get((sm.name, old_version))
+                if old is not None:
+                    replaced.append(old)
+        self.failed.pop(prepared.bundle.manifest.name, None)
+        if not keep_previous:
+            for old in replaced:
+                self._models.pop((old.name, old.version), None)
+                self._retire_later(old)
+        return replaced
+
+    def activate(self, model: str, version: str) -> None:
+        """Point requests without a version at another loaded version (last-known-good, instantly)."""
+        if (model, version) not in self._models:
+            raise ModelNotFound(model, version)
+        if self._active.get(model) != version:
+            self.switches[model] = self.switches.get(model, 0) + 1
+        self._active[model] = version
+
+    def active_version(self, model: str) -> str | None:
+        return self._active.get(model)
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        """Record why a model (or bundle) is not served; the one already serving, if any, goes on."""
+        self.failed[name] = reason
+
+    def record_failure(self, bundle: VerifiedBundle, error: BaseException) -> list[FailedModel]:
+        """Remember that a bundle's models did not load, and why: ready says 503, metadata gives the reason."""
+        reason = str(error) or type(error).__name__
+        failed = [FailedModel(name, bundle.manifest.version, bundle, entry, reason)
+                  for entry, name in served_names(bundle.manifest)
+                  if (name, bundle.manifest.version) not in self._models]
+        for f in failed:
+            self._failed_models[(f.name, f.version)] = f
+            self.failed[f.name] = reason
+        self.failed[bundle.manifest.name] = reason  # the daemon reports by bundle name
+        return failed
+
+    def failed_models(self) -> list[FailedModel]:
+        return list(self._failed_models.values())
+
+    def _failed_model(self, model: str, version: str | None) -> FailedModel | None:
+        if version:
+            return self._failed_models.get((model, version))
+        return next((f for (n, _), f in self._failed_models.items() if n == model), None)
+
+    def load_bundle(self, bundle: VerifiedBundle, config: ModelConfig | None = None,
+                    engines: EngineSource | None = None) -> list[ServedModel]:
+        """Prepare and route at once, before serving starts (tests, start-up). Raises if a version is loaded.
+
+        Not for a running server: it writes the table from the calling thread.
+        Use `prepare` + `swap` there.
+        """
+        for _, name in served_names(bundle.manifest):
+            if (name, bundle.manifest.version) in self._models:
+                raise AgentError(f"model {name!r} version {bundle.manifest.version!r} is already loaded")
+        prepared = self.prepare(bundle, config, engines)
+        for sm in prepared.models:
+            self._models[(sm.name, sm.version)] = sm
+            self.metrics.add(sm.metrics)
+            current = self._models.get((sm.name, self._active.get(sm.name, "")))
+            if current is None or sm.release >= current.release:
+                self._active[sm.name] = sm.version
+            self.failed.pop(sm.name, None)
+            self._failed_models.pop((sm.name, sm.version), None)
+        return list(prepared.models)
+
+    def _retire_later(self, sm: ServedModel, register: bool = True) -> None:
+        task = asyncio.get_running_loop().create_task(self._retire(sm, register))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, sm: ServedModel, registered: bool = True) -> None:
+        """Wait for the requests inside a version to finish, then close it (queued ones are served)."""
+        await sm.drained(self.drain_timeout_s)
+        await sm.batcher.close()
+        await asyncio.to_thread(sm.runner.close)
+        if registered:
+            self.metrics.remove(sm.metrics)
+
+    async def settle(self) -> None:
+        """Wait until every replaced version is drained and closed (tests, shutdown, GC)."""
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
     async def unload(self, model: str, version: str) -> None:
+        """Stop routing to a version, let its queued and running requests finish, then close it."""
         sm = self._models.pop((model, version), None)
         if sm is None:
             raise ModelNotFound(model, version)
-        await sm.batcher.close()
-        await asyncio.to_thread(sm.runner.close)
-        self.metrics.remove(sm.metrics)
+        if self._active.get(model) == version:
+            others = [v for (n, v) in self._models if n == model]
+            if others:
+                self._active[model] = max(others, key=lambda v: self._models[(model, v)].release)
+            else:
+                del self._active[model]
+        await self._retire(sm)
 
     def get(self, model: str, version: str | None = None) -> ServedModel:
         if version:
@@ -210,16 +366,20 @@ class DataPlane:
             if sm is None:
                 raise ModelNotFound(model, version)
             return sm
-        best: ServedModel | None = None
-        for (name, _), sm in self._models.items():
-            if name == model and (best is None or sm.release >= best.release):
-                best = sm
-        if best is None:
+        active = self._active.get(model)
+        sm = self._models.get((model, active)) if active is not None else None
+        if sm is None:
             raise ModelNotFound(model)
-        return best
+        return sm
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
+
+    def active_models(self) -> list[ServedModel]:
+        return [self._models[(n, v)] for n, v in self._active.items() if (n, v) in self._models]
+
+    def _switch_samples(self) -> list[tuple[str, str, int]]:
+        return [(n, self._active.get(n, ""), c) for n, c in self.switches.items()]
 
     # ------------------------------------------------------------------ inference
 
@@ -235,6 +395,7 @@ class DataPlane:
         m = sm.metrics
         self._in_flight += 1
         m.in_flight += 1
+        sm.enter()
         try:
             feeds = sm.validator.feeds(request)
             result = await sm.batcher.submit(feeds, deadline)
@@ -250,6 +411,7 @@ class DataPlane:
             m.observe_failure("Cancelled")
             raise
         finally:
+            sm.leave()
             m.in_flight -= 1
             self._in_flight -= 1
             if self._in_flight == 0 and self._idle is not None:
@@ -319,5 +481,6 @@ class DataPlane:
     async def close(self) -> None:
         self.begin_drain()
         self._live = False
+        await self.settle()
         for key in list(self._models):
             await self.unload(*key)

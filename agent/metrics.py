@@ -159,6 +159,12 @@ class _ServingCollector(Collector):
                 h: Histo = getattr(m, attr)
                 family.add_metric(m.labels, h.family_values(), h.sum)
         yield from (req, fail, *histos.values(), in_flight, depth, nonfinite)
+        switches = CounterMetricFamily("outpost_model_switches",
+                                       "Times requests without a version were pointed at another version.",
+                                       labels=("model", "active_version"))
+        for model, active, count in self._owner.switches():
+            switches.add_metric([model, active], count)
+        yield switches
 
 
 class ServingMetrics:
@@ -166,12 +172,25 @@ class ServingMetrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.window_s = window_s
         self.models: list[ModelMetrics] = []
+        self.switches: Callable[[], list[tuple[str, str, int]]] = list
         self.registry.register(_ServingCollector(self))
 
+    def new_model(self, model: str, version: str, backend: str) -> ModelMetrics:
+        """Series of a version being prepared: not exported until `add` (when it starts serving)."""
+        return ModelMetrics(model, version, backend, self.window_s)
+
+    def add(self, m: ModelMetrics) -> None:
+        if m not in self.models:
+            self.models.append(m)
+
     def for_model(self, model: str, version: str, backend: str) -> ModelMetrics:
-        m = ModelMetrics(model, version, backend, self.window_s)
-        self.models.append(m)
+        m = self.new_model(model, version, backend)
+        self.add(m)
         return m
+
+    def track_switches(self, samples: Callable[[], list[tuple[str, str, int]]]) -> None:
+        """(model, active version, switch count) per model, read at scrape time."""
+        self.switches = samples
 
     def remove(self, m: ModelMetrics) -> None:
         """Drop an unloaded version's series."""

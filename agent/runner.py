@@ -8,18 +8,42 @@ N instances means N batches computing at once and never two on one session.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from bundle import TensorSpec, VerifiedBundle
-from engines import Engine, EngineError, EngineOptions, open_engine
+from engines import Engine, EngineCache, EngineError, EngineOptions, EngineResult, Fallback, Probe, open_engine
 
 from .errors import InferenceFailed
+
+
+class EngineFactory(Protocol):
+    """How a runner gets an engine: `engines.open_engine` in production; tests hand in a wrapper."""
+
+    def __call__(self, bundle: VerifiedBundle, model: str | None = None, backend: str = ...,
+                 options: EngineOptions | None = None,
+                 cache_dir: str | os.PathLike[str] | EngineCache | None = None,
+                 probe: Probe | None = None) -> EngineResult: ...
+
+
+@dataclass(frozen=True)
+class EngineSource:
+    """Where engines come from: the factory, the cache directory and the hardware probe, handed in.
+
+    `cache_dir=None` means the engines package's default (the user's cache);
+    the daemon and every test hand in their own directory.
+    """
+
+    factory: EngineFactory = open_engine
+    cache_dir: str | os.PathLike[str] | EngineCache | None = None
+    probe: Probe | None = None
 
 
 @dataclass(frozen=True)
@@ -30,13 +54,15 @@ class RunResult:
 
 class Runner:
     def __init__(self, model: str, engines: Sequence[Engine], backend: str, inline_compute_ms: float = 0.0,
-                 *, parity_note: str | None = None) -> None:
+                 *, parity_note: str | None = None, fallbacks: Sequence[Fallback] = ()) -> None:
         if not engines:
             raise ValueError("a runner needs at least one engine")
         self.model = model
         self.backend = backend
         #: None when the engine was checked against the ORT CPU reference; else why it was not
         self.parity_note = parity_note
+        #: backends tried before the chosen one, and why each was out (reported to the fleet)
+        self.fallbacks: tuple[Fallback, ...] = tuple(fallbacks)
         self.inputs: tuple[TensorSpec, ...] = engines[0].inputs
         self.outputs: tuple[TensorSpec, ...] = engines[0].outputs
         self.instances = len(engines)
@@ -51,22 +77,26 @@ class Runner:
 
     @classmethod
     def open(cls, bundle: VerifiedBundle, model: str | None = None, *, instances: int = 1,
-             options: EngineOptions | None = None, backend: str = "auto", cache_dir: str | None = None,
-             inline_compute_ms: float = 0.0) -> Runner:
+             options: EngineOptions | None = None, backend: str = "auto",
+             source: EngineSource | None = None, inline_compute_ms: float = 0.0) -> Runner:
         """Load `instances` engines for one model of a verified bundle (blocking)."""
+        source = source or EngineSource()
         entry = bundle.manifest.model(model)
         engines: list[Engine] = []
         chosen, note = backend, None
+        fallbacks: list[Fallback] = []
         try:
             for _ in range(instances):
-                result = open_engine(bundle, entry.name, backend=backend, options=options, cache_dir=cache_dir)
+                result = source.factory(bundle, entry.name, backend=backend, options=options,
+                                        cache_dir=source.cache_dir, probe=source.probe)
                 engines.append(result.engine)
                 chosen, note = result.backend, result.parity_note
+                fallbacks = list(result.fallbacks)
         except BaseException:
             for e in engines:
                 e.close()
             raise
-        return cls(entry.name, engines, chosen, inline_compute_ms, parity_note=note)
+        return cls(entry.name, engines, chosen, inline_compute_ms, parity_note=note, fallbacks=fallbacks)
 
     def run_sync(self, feeds: Mapping[str, np.ndarray]) -> RunResult:
         engine = self._free.get()

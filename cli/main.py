@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "serve": "agent.commands:serve_command",
     "engine": "engines.commands:engine_group",
     "doctor": "engines.commands:doctor_command",
+    "agent": "agent.daemon.commands:agent_group",
+    "up": "cli.up:up_command",
 }
 
 #: Exit codes: 1 = refused / failed (verification, validation), 2 = usage (click's own).

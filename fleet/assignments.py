@@ -1,39 +1,21 @@
 """What each device should run, served as a signed document, with long-poll.
 
-Document format (version 1). The server answers ``GET
-/api/v1/devices/{id}/assignment`` with::
+The document's format, its canonical bytes, the envelope (`seal`) and the
+device's verification live in `contract.assignment`, shared with the agent;
+this module decides the content and signs it, at ``GET
+/api/v1/devices/{id}/assignment`` (the key at ``GET /api/v1/keys/assignment``).
 
-    {"payload": "<base64 of the canonical document bytes>",
-     "signature": "<base64 DER ECDSA P-256 / SHA-256 signature over those bytes>",
-     "key_id": "<sha256 hex of the fleet key's DER SubjectPublicKeyInfo>",
-     "algorithm": "ecdsa-p256-sha256",
-     "document": {...the same document, decoded, for people and logs...}}
-
-The canonical bytes are ``json.dumps(doc, sort_keys=True, separators=(",", ":"),
-ensure_ascii=False).encode("utf-8")`` of::
-
-    {"type": "outpost.assignment", "format": 1,
-     "device_id": "...", "serial": 7,
-     "issued_at": 1764400000.0, "expires_at": 1764486400.0,
-     "bundles": [{"name", "version", "ref", "release", "digest", "archive_sha256", "size",
-                  "revoked": false, "url": "/api/v1/bundles/NAME/VERSION/archive"}],
-     "revoked": ["name@version", ...]}
-
-A device verifies the signature over ``payload`` with the fleet key (``GET
-/api/v1/keys/assignment``) and only then parses the payload (never the
-``document`` copy). It refuses a document whose ``device_id`` is not its own
-(foreign), whose ``serial`` is lower than the highest it accepted (replay), or
-whose ``expires_at`` has passed (freeze: keep serving, install nothing new).
 The serial grows by one with every change of the device's set and with every
 revocation that concerns it, and is never reused; the same serial is re-signed
-with a fresh expiry on every request. ``revoked`` lists the revoked bundles the
-device is assigned or last reported installed: it must stop running them.
+with a fresh expiry on every request (a device refuses a lower serial as a
+replay and an expired document as a freeze). ``revoked`` lists the revoked
+bundles the device is assigned or last reported installed: it must stop
+running them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import random
 import time
@@ -43,13 +25,14 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 
+from contract.assignment import MAX_BUNDLES, build_document, bundle_entry, seal
+
 from .bundles import parse_ref
 from .db import AssignmentItem, Bundle, Database, Device, DeviceBundle
 from .errors import Conflict, InvalidRequest, NotFound
-from .signing import ALGORITHM, Signer, canonical_bytes
+from .signing import Signer
 
-DOCUMENT_TYPE, DOCUMENT_FORMAT = "outpost.assignment", 1
-MAX_BUNDLES_PER_DEVICE = 64
+MAX_BUNDLES_PER_DEVICE = MAX_BUNDLES
 
 
 class _Unchanged(Exception):
@@ -231,18 +214,10 @@ class Assignments:
         now = time.time()
         revoked = {f"{b.name}@{b.version}" for b in rows if b.revoked_at is not None}
         revoked.update(f"{n}@{v}" for n, v in installed)
-        doc = {
-            "type": DOCUMENT_TYPE, "format": DOCUMENT_FORMAT, "device_id": device_id, "serial": serial,
-            "issued_at": now, "expires_at": now + self.ttl_s,
-            "bundles": [{"name": b.name, "version": b.version, "ref": f"{b.name}@{b.version}",
-                         "release": b.release, "digest": b.digest, "archive_sha256": b.archive_sha256,
-                         "size": b.size, "revoked": b.revoked_at is not None,
-                         "url": f"/api/v1/bundles/{b.name}/{b.version}/archive"} for b in rows],
-            "revoked": sorted(revoked),
-        }
-        payload = canonical_bytes(doc)
-        return {"payload": base64.b64encode(payload).decode(), "signature": self.signer.sign(payload),
-                "key_id": self.signer.key_id, "algorithm": ALGORITHM, "document": doc}
+        entries = [bundle_entry(b.name, b.version, b.release, b.digest, b.archive_sha256, b.size,
+                                b.revoked_at is not None) for b in rows]
+        doc = build_document(device_id, serial, now, now + self.ttl_s, entries, revoked)
+        return seal(doc, self.signer.sign, self.signer.key_id)
 
     async def current_serial(self, device_id: str) -> int:
         """The serial as this process knows it (at most one watch period behind), else from the database."""

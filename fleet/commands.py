@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import click
 
+from runtime import LoopUnavailable, run_loop
+
 from .config import DEFAULT_PORT, ENV_DB, ServerConfig, default_db_url, load_client_config, normalise_db_url
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,18 +80,10 @@ def serve_cmd(db_url: str | None, data_dir: pathlib.Path, host: str, port: int, 
 
 
 def _run(coro: Coroutine[Any, Any, None], loop_name: str) -> None:
-    """uvloop where installed (thousands of idle long-poll sockets cost it less), else asyncio."""
-    if loop_name != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if loop_name == "uvloop":
-                coro.close()
-                raise click.UsageError("--loop uvloop: uvloop is not installed") from None
-        else:
-            uvloop.run(coro)
-            return
-    asyncio.run(coro)
+    try:
+        run_loop(coro, loop_name)
+    except LoopUnavailable as e:
+        raise click.UsageError(f"--loop {loop_name}: {e}") from None
 
 
 @fleet_group.group("token")

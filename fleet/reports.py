@@ -27,6 +27,8 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 
+from contract.report import STATE_FIELDS, SYSTEM_METRICS
+
 from .config import RetentionConfig
 from .db import Bundle, Database, Device, DeviceBundle, TelemetryPoint
 from .errors import NotFound
@@ -34,8 +36,7 @@ from .errors import NotFound
 log = logging.getLogger(__name__)
 _COUNTER_SUFFIXES = ("requests", "errors", "nan_count")
 _MAX_SUFFIXES = ("p50_ms", "p95_ms", "p99_ms")
-_GAUGES = ("cpu_percent", "memory_bytes", "memory_percent", "disk_free_bytes", "disk_percent", "temperature_c",
-           "gpu_util_percent", "gpu_memory_bytes", "requests", "errors")
+_GAUGES = (*SYSTEM_METRICS, "requests", "errors")
 
 
 def flatten_window(window: dict[str, Any]) -> dict[str, float]:
@@ -102,8 +103,7 @@ class Reports:
         self.retention = retention
 
     def prepare(self, device_id: str, report: dict[str, Any], now: float) -> Prepared:
-        keep = ("agent_version", "hardware", "bundles", "health")
-        state: dict[str, Any] = {k: report[k] for k in keep if k in report}
+        state: dict[str, Any] = {k: report[k] for k in STATE_FIELDS if k in report}
         state["received_at"] = now
         bucket = self.retention.downsample_bucket_s
         points = [{"device_id": device_id, "ts": min(float(w.get("end", now)), now + 300),

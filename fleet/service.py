@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete
 
 import bundle
+from runtime import Backoff, Poller
 
 from .assignments import Assignments, ChangeNotifier
 from .auth import AttemptLimiter, PrincipalCache
@@ -81,19 +82,9 @@ class Fleet:
                      folded, dropped, swept)
 
     async def _maintenance_loop(self) -> None:
-        failing = False
-        while True:
-            try:
-                await self.maintain_once()
-            except Exception as e:
-                if not failing:
-                    log.warning("retention pass failing: %s", e)
-                failing = True
-            else:
-                if failing:
-                    log.warning("retention pass recovered")
-                failing = False
-            await asyncio.sleep(self.config.retention.maintenance_interval_s)
+        period_s = self.config.retention.maintenance_interval_s
+        await Poller("retention pass", self.maintain_once, period_s, backoff=Backoff(period_s, period_s),
+                     logger=log).run()
 
     @contextlib.asynccontextmanager
     async def run_background(self) -> AsyncIterator[None]:

@@ -10,29 +10,21 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
-import json
 import os
 import pathlib
 import tempfile
-from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bundle import atomic_write_bytes
+from contract import ALGORITHM, key_id
 
 from .errors import FleetError
 
 KEY_NAME = "assignment.key"
 PUBLIC_NAME = "assignment.pub"
-ALGORITHM = "ecdsa-p256-sha256"
-
-
-def canonical_bytes(doc: dict[str, Any]) -> bytes:
-    """The exact bytes that are signed (see `fleet.assignments` for the format)."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+__all__ = ["ALGORITHM", "KEY_NAME", "PUBLIC_NAME", "Signer", "init_key", "load_or_create", "load_private"]
 
 
 class Signer:
@@ -40,25 +32,11 @@ class Signer:
         self._key = private_key
         self.public_pem = private_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        der = private_key.public_key().public_bytes(serialization.Encoding.DER,
-                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
         #: sha256 of the DER SubjectPublicKeyInfo, hex: names the key in documents.
-        self.key_id = hashlib.sha256(der).hexdigest()
+        self.key_id = key_id(self.public_pem)
 
     def sign(self, payload: bytes) -> str:
         return base64.b64encode(self._key.sign(payload, ec.ECDSA(hashes.SHA256()))).decode()
-
-
-def verify_signature(public_pem: bytes, payload: bytes, signature_b64: str) -> bool:
-    """What a device does with a document: true only for this exact payload under this key."""
-    key = serialization.load_pem_public_key(public_pem)
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        return False
-    try:
-        key.verify(base64.b64decode(signature_b64, validate=True), payload, ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError):
-        return False
-    return True
 
 
 def init_key(key_dir: pathlib.Path) -> tuple[pathlib.Path, bool]:

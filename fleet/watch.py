@@ -10,11 +10,12 @@ hosts and for transactions that committed after the previous look.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from sqlalchemy import select
+
+from runtime import Backoff, Poller
 
 from .assignments import Assignments
 from .auth import PrincipalCache
@@ -36,20 +37,16 @@ async def revocations_since(db: Database, cache: PrincipalCache, assignments: As
 
 
 async def watch(db: Database, assignments: Assignments, cache: PrincipalCache, period_s: float) -> None:
+    """Long-polls just time out while the database is unreachable; trust falls back to the cache TTL."""
     since = time.time() - MARGIN_S
-    failing = False
-    while True:
-        await asyncio.sleep(period_s)
+
+    async def step() -> None:
+        nonlocal since
         started = time.time()
-        try:
-            await revocations_since(db, cache, assignments, since)
-            await assignments.notifier.poll_changes(since)
-        except Exception as e:  # long-polls just time out meanwhile; trust falls back to the cache TTL
-            if not failing:
-                log.warning("watching the database for other processes' changes failed: %s", e)
-            failing = True
-            continue
-        if failing:
-            log.warning("watching the database for other processes' changes recovered")
-        failing = False
+        await revocations_since(db, cache, assignments, since)
+        await assignments.notifier.poll_changes(since)
         since = started - MARGIN_S
+
+    poller = Poller("watching the database for other processes' changes", step, period_s,
+                    backoff=Backoff(base_s=period_s, max_s=period_s), logger=log, initial_delay_s=period_s)
+    await poller.run()

@@ -9,7 +9,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff" >&2
 ruff check .
 echo "== mypy" >&2
-mypy bundle engines agent fleet cli runtime
+mypy bundle engines agent fleet cli runtime contract
 echo "== pytest" >&2
 set +e
 python -m pytest "$@"

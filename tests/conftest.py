@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -24,6 +24,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run bench/gpu_check.sh on a GPU machine)")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """Tests never build engines into the user's own cache: the default cache is a session directory."""
+    path = tmp_path_factory.mktemp("engine-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OUTPOST_ENGINE_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import text
 
+from contract import ALGORITHM
+
 from ..auth import (
     ADMIN,
     READ,
@@ -21,7 +23,6 @@ from ..auth import (
 from ..bundles import bundle_view
 from ..devices import parse_selector
 from ..errors import InvalidRequest
-from ..signing import ALGORITHM
 from .common import fleet, principal, query_number, read_json
 from .openapi import DOCUMENT
 

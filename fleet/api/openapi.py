@@ -12,7 +12,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-_NUM = {"type": "number", "minimum": 0, "maximum": 1e15}
+from contract.report import SCHEMAS as REPORT_SCHEMAS
+
 _STR = {"type": "string", "maxLength": 200}
 _LABEL_KEY = "^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
 _REF = "^[^@]{1,128}@[^@]{1,64}$"
@@ -35,35 +36,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "bundles": {"type": "array", "maxItems": 64, "items": {"type": "string", "pattern": _REF}}}},
     "Revoke": {"type": "object", "additionalProperties": False, "properties": {
         "reason": {"type": "string", "maxLength": 1000}}},
-    "Hardware": {"type": "object", "maxProperties": 32, "properties": {
-        "cpu": _STR, "cpu_count": {"type": "integer", "minimum": 0, "maximum": 4096}, "architecture": _STR,
-        "memory_bytes": _NUM, "gpu_name": _STR, "compute_capability": _STR, "driver": _STR, "cuda": _STR,
-        "tensorrt": _STR, "onnxruntime": _STR}, "additionalProperties": {"type": ["string", "number", "null"]}},
-    "InstalledBundle": {"type": "object", "required": ["ref"], "additionalProperties": False, "properties": {
-        "ref": {"type": "string", "pattern": _REF}, "active": {"type": "boolean"}, "engine": _STR,
-        "fallback_reasons": {"type": "array", "maxItems": 16, "items": {"type": "string", "maxLength": 1000}}}},
-    "Health": {"type": "object", "required": ["status"], "additionalProperties": False, "properties": {
-        "status": {"enum": ["ok", "degraded", "failing"]}, "detail": {"type": "string", "maxLength": 2000}}},
-    "ModelStats": {"type": "object", "additionalProperties": False, "properties": {
-        **{k: _NUM for k in ("requests", "errors", "nan_count", "p50_ms", "p95_ms", "p99_ms")},
-        # the window's values of the custom metrics the bundle's manifest declares (service.metrics)
-        "metrics": {"type": "object", "maxProperties": 16, "propertyNames": {"pattern": "^[a-z][a-z0-9_]{0,62}$"},
-                    "additionalProperties": {"type": "number", "minimum": -1e15, "maximum": 1e15}}}},
-    "TelemetryWindow": {"type": "object", "additionalProperties": False, "properties": {
-        "start": {"type": "number", "minimum": 0, "maximum": 1e11},
-        "end": {"type": "number", "minimum": 0, "maximum": 1e11},
-        **{k: _NUM for k in ("requests", "errors", "cpu_percent", "memory_bytes", "memory_percent",
-                             "disk_free_bytes", "disk_percent", "gpu_util_percent", "gpu_memory_bytes")},
-        "temperature_c": {"type": "number", "minimum": -100, "maximum": 300},
-        "models": {"type": "object", "maxProperties": 32, "propertyNames": {"maxLength": 128},
-                   "additionalProperties": {"$ref": "#/components/schemas/ModelStats"}}}},
-    "Report": {"type": "object", "additionalProperties": False, "properties": {
-        "agent_version": {"type": "string", "maxLength": 64},
-        "hardware": {"$ref": "#/components/schemas/Hardware"},
-        "bundles": {"type": "array", "maxItems": 64, "items": {"$ref": "#/components/schemas/InstalledBundle"}},
-        "health": {"$ref": "#/components/schemas/Health"},
-        "telemetry": {"type": "array", "maxItems": 100,
-                      "items": {"$ref": "#/components/schemas/TelemetryWindow"}}}},
+    # The report a device sends is the wire contract's: one schema for both sides.
+    **REPORT_SCHEMAS,
 }
 
 

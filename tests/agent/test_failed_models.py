@@ -12,6 +12,7 @@ import pytest
 
 import bundle
 from agent import DataPlane, ModelConfig
+from agent.runner import EngineSource
 from engines.errors import ModelChanged
 from tests.agent.test_serve_cli import ServeProcess
 from tests.conftest import MakeBundle
@@ -76,10 +77,10 @@ def test_serving_a_swapped_bundle_serves_the_others_and_reports_it(
     good = bundle.verify(make_bundle("multi_io", name="good"), trust)
     victim = bundle.verify(make_bundle("mlp", name="victim"), trust)
     victim.model_path().write_bytes(mlp(seed=99).SerializeToString())  # swapped after verification
-    dp = DataPlane()
-    dp.load_bundle(good, ModelConfig(), cache_dir=str(tmp_path / "ec"))
+    dp = DataPlane(engines=EngineSource(cache_dir=str(tmp_path / "ec")))
+    dp.load_bundle(good, ModelConfig())
     with pytest.raises(ModelChanged) as err:
-        dp.load_bundle(victim, ModelConfig(), cache_dir=str(tmp_path / "ec"))
+        dp.load_bundle(victim, ModelConfig())
     dp.record_failure(victim, err.value)
     assert [sm.name for sm in dp.models()] == ["good"]
     assert dp.model_ready("victim") is False and dp.server_ready()

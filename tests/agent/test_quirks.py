@@ -15,6 +15,7 @@ import pytest
 import bundle
 from agent import DataPlane, ModelConfig, ServerConfig
 from agent.http_server import HttpServer
+from agent.runner import EngineSource
 from agent.validation import batch_dim
 from tests.agent.conftest import tensor
 from tests.agent.mqtt_broker import PREFIX, REPLIES, Requester, front_end, running_broker
@@ -67,9 +68,9 @@ def expected(name: str, path: pathlib.Path, feeds: dict[str, np.ndarray]) -> dic
 @pytest.fixture
 async def zoo(quirk_bundles: dict[str, pathlib.Path], trust: list[bundle.TrustAnchor],
               tmp_path: pathlib.Path) -> AsyncIterator[tuple[DataPlane, HttpServer]]:
-    dp = DataPlane()
+    dp = DataPlane(engines=EngineSource(cache_dir=str(tmp_path / "ec")))
     for d in quirk_bundles.values():
-        dp.load_bundle(bundle.verify(d, trust), ModelConfig(max_queue_delay_ms=20.0), cache_dir=str(tmp_path / "ec"))
+        dp.load_bundle(bundle.verify(d, trust), ModelConfig(max_queue_delay_ms=20.0))
     server = HttpServer(dp, ServerConfig(port=0))
     await server.start()
     yield dp, server
