@@ -44,6 +44,8 @@ class RetentionConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     data_dir: pathlib.Path
+    #: SQLAlchemy URL of the database; the plain forms people type are accepted and given their
+    #: async driver on construction, and empty means the SQLite file under `data_dir`.
     db_url: str = ""
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -63,9 +65,9 @@ class ServerConfig:
     credential_cache_s: float = 600.0
     retention: RetentionConfig = field(default_factory=RetentionConfig)
 
-    @property
-    def database_url(self) -> str:
-        return normalise_db_url(self.db_url) if self.db_url else default_db_url(self.data_dir)
+    def __post_init__(self) -> None:
+        url = normalise_db_url(self.db_url) if self.db_url else default_db_url(self.data_dir)
+        object.__setattr__(self, "db_url", url)  # frozen: the one normalised spelling, set once
 
     @property
     def blob_dir(self) -> pathlib.Path:

@@ -1,7 +1,7 @@
 """Typed errors of the fleet server.
 
 Domain code raises these and never thinks about HTTP; the API's one error
-middleware maps each class to its status (``api/errors.py``), and the CLI prints
+middleware maps each class to its status (``fleet/api/common.py``), and the CLI prints
 the message. The tree, grouped by what went wrong::
 
     FleetError                    root; .message

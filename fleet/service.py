@@ -44,7 +44,7 @@ class Fleet:
     assignments: Assignments
     notifier: ChangeNotifier
     reports: Reports
-    batcher: ReportBatcher
+    report_batcher: ReportBatcher
     enroll_limiter: AttemptLimiter
     principals: PrincipalCache
 
@@ -54,7 +54,7 @@ class Fleet:
         trust = bundle.anchors(config.trusted_key_paths())
         signer = load_or_create(config.key_dir)
         blobs = LocalBlobStore(config.blob_dir)
-        db = await open_database(config.database_url)
+        db = await open_database(config.db_url)
         notifier = ChangeNotifier(db, config.change_poll_s)
         reports = Reports(db, config.retention)
         return cls(
@@ -62,13 +62,13 @@ class Fleet:
             bundles=BundleStore(db, blobs, trust, max_unpacked_bytes=2 * config.max_bundle_bytes),
             devices=DeviceRegistry(db),
             assignments=Assignments(db, signer, notifier, config.assignment_ttl_s),
-            notifier=notifier, reports=reports, batcher=ReportBatcher(db, reports),
+            notifier=notifier, reports=reports, report_batcher=ReportBatcher(db, reports),
             enroll_limiter=AttemptLimiter(config.enroll_attempts_per_minute),
             principals=PrincipalCache(config.credential_cache_s),
         )
 
     async def close(self) -> None:
-        await self.batcher.close()
+        await self.report_batcher.close()
         await self.db.close()
 
     async def maintain_once(self) -> None:
@@ -76,9 +76,10 @@ class Fleet:
             await s.execute(delete(Revocation).where(Revocation.at < time.time() - 2 * self.config.credential_cache_s))
         folded, dropped = await self.reports.maintain()
         swept = await asyncio.to_thread(self.blobs.sweep_temporaries)
-        if folded or dropped or swept:
-            log.info("retention: folded %d raw points, dropped %d old points, swept %d temporaries",
-                     folded, dropped, swept)
+        collected = await self.bundles.collect_garbage()
+        if folded or dropped or swept or collected:
+            log.info("retention: folded %d raw points, dropped %d old points, swept %d temporaries, "
+                     "collected %d unreferenced blobs", folded, dropped, swept, collected)
 
     async def _maintenance_loop(self) -> None:
         failing = False

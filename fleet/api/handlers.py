@@ -83,6 +83,7 @@ async def enroll(request: web.Request) -> web.Response:
     f = fleet(request)
     f.enroll_limiter.hit(request.remote or "unknown")
     secret = bearer(request.headers.get("Authorization"))
+    await f.devices.check_enroll_token(secret)  # credentials before the body: anonymous input stays unparsed
     body = await read_json(request, "Enroll")
     out = await f.devices.enroll(secret, body.get("name", ""), body.get("labels", {}))
     return web.json_response(out, status=201)
@@ -150,7 +151,7 @@ async def post_report(request: web.Request) -> web.Response:
     authorize_device_self(await principal(request), device_id)
     body = await read_json(request, "Report")
     f = fleet(request)
-    points, bumped = await f.batcher.submit(device_id, body)
+    points, bumped = await f.report_batcher.submit(device_id, body)
     if bumped:
         f.notifier.notify([device_id])
     return web.json_response({"accepted": True, "points": points}, status=202)
