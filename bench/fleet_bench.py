@@ -69,13 +69,29 @@ class ClientResult:
     #: the fleet's own time for the same requests (its Server-Timing header)
     report_server_ms: list[float] = field(default_factory=list)
     poll_answers: int = 0
-    changes_seen: dict[str, float] = field(default_factory=dict)  # "device:serial" -> time seen
+    #: device -> [(serial, time first seen)], in order: a change is delivered once a serial at least as new is seen
+    serials_seen: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    #: requests the fleet answered 503 + Retry-After (load shedding), by phase; retried after that delay
+    deferred: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     slow: list[tuple[float, float]] = field(default_factory=list)  # (time, ms) of reports over 100 ms
     warmup_max_ms: float = 0.0
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def defer(self, kind: str) -> None:
+        self.deferred[kind] = self.deferred.get(kind, 0) + 1
+
+
+def _retry_after(r: Any) -> float | None:
+    """The delay a 503 asked for, as the agent honours it; None for any other answer."""
+    if r.status != 503:
+        return None
+    try:
+        return max(0.0, float(r.headers.get("Retry-After", "1")))
+    except ValueError:
+        return 1.0
 
 
 def _report_body(now: float) -> dict[str, Any]:
@@ -103,14 +119,19 @@ async def _device(http: Any, url: str, device_id: str, cred: str, start_at: floa
                 async with http.get(f"{url}/api/v1/devices/{device_id}/assignment",
                                     params={"serial": str(serial), "wait_s": str(LONG_POLL_S)},
                                     headers=headers, timeout=aiohttp.ClientTimeout(total=LONG_POLL_S + 30)) as r:
+                    delay = _retry_after(r)
+                    if delay is not None:
+                        result.defer("poll")
+                        await asyncio.sleep(delay)
+                        continue
                     if r.status != 200:
                         result.error(f"poll HTTP {r.status}")
                         await asyncio.sleep(1)
                         continue
                     body = await r.json()
                 new = int(body["document"]["serial"])
-                if new != serial and serial != 0:
-                    result.changes_seen[f"{device_id}:{new}"] = time.time()
+                if new != serial:
+                    result.serials_seen.setdefault(device_id, []).append((new, time.time()))
                 serial = new
                 result.poll_answers += 1
             except asyncio.CancelledError:
@@ -130,6 +151,11 @@ async def _device(http: Any, url: str, device_id: str, cred: str, start_at: floa
                 async with http.post(f"{url}/api/v1/devices/{device_id}/reports", json=_report_body(time.time()),
                                      headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as r:
                     await r.read()
+                    delay = _retry_after(r)
+                    if delay is not None:  # shed: the agent keeps the report and sends it after the delay
+                        result.defer("report (measured)" if measured else "report (warm-up)")
+                        await asyncio.sleep(delay)
+                        continue
                     if r.status != 202:
                         result.error(f"report HTTP {r.status}")
                     elif not measured:
@@ -188,7 +214,7 @@ def _start_server(data: pathlib.Path, db: str | None, trust: pathlib.Path) -> tu
     import subprocess
     profile = os.environ.get("FLEET_BENCH_PROFILE")  # write a cProfile of the fleet process there
     args = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "cli.main",
-            "fleet", "serve", "--data", str(data), "--port", "0", "--trust", str(trust),
+            "-v", "fleet", "serve", "--data", str(data), "--port", "0", "--trust", str(trust),
             "--enroll-per-minute", "100000"]
     if db:
         args += ["--db", db]
@@ -199,12 +225,72 @@ def _start_server(data: pathlib.Path, db: str | None, trust: pathlib.Path) -> tu
         if line.startswith("fleet: listening on "):
             import threading
             def drain(log: pathlib.Path = data.parent / "fleet.log") -> None:
-                with open(log, "w") as f:
+                with open(log, "w", buffering=1) as f:  # line by line: read while it runs
                     for rest in proc.stdout or ():
                         f.write(rest)
             threading.Thread(target=drain, daemon=True).start()
             return proc, line.split()[-1]
     raise RuntimeError("fleet did not start")
+
+
+_STALL = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) WARNING fleet\.stalls: event loop stalled "
+                    r"(\d+) ms \(garbage collector: (\d+) ms", re.M)
+
+
+def _loop_stalls(log_text: str, t0: float) -> list[tuple[float, float, float]]:
+    """(seconds after t0, stall ms, of which gc ms) from the fleet's own stall warnings (fleet/stalls.py)."""
+    out = []
+    for m in _STALL.finditer(log_text):
+        at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+        out.append((at - t0, float(m.group(3)), float(m.group(4))))
+    return out
+
+
+async def _sample_pg_waits(url: str, done: Any, tally: dict[str, int]) -> None:
+    """What the fleet's PostgreSQL sessions are doing, 10 times a second: where a slow commit waits.
+
+    Also counts checkpoints the server ran meanwhile (other users of a shared server cause them)."""
+    import asyncpg
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        q = "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+        checkpoints = await conn.fetchval(q)
+        while not done():
+            for row in await conn.fetch(
+                    "SELECT state, wait_event_type, wait_event FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state <> 'idle'"):
+                key = f"{row['state']}:{row['wait_event_type'] or 'cpu'}:{row['wait_event'] or '-'}"
+                tally[key] = tally.get(key, 0) + 1
+            await asyncio.sleep(0.1)
+        tally["checkpoints during the run"] = await conn.fetchval(q) - checkpoints
+    finally:
+        await conn.close()
+
+
+def _gc_summary(log_text: str) -> str:
+    """The fleet's own count of garbage collections while serving (fleet/stalls.py, logged at exit)."""
+    m = re.search(r"garbage collections while serving: (.*)$", log_text, re.M)
+    return m.group(1) if m else "not logged"
+
+
+def _start_py_spy(pid: int, backend: str) -> Any:
+    """Sample the fleet with py-spy (FLEET_BENCH_PY_SPY=path of the binary) into FLEET_BENCH_PROFILE_DIR,
+    as a speedscope file: its samples keep their order, so a stall can be found in time."""
+    import subprocess
+    binary = os.environ.get("FLEET_BENCH_PY_SPY")
+    if not binary:
+        return None
+    out = pathlib.Path(os.environ.get("FLEET_BENCH_PROFILE_DIR", ".")) / f"fleet-{backend}.speedscope.json"
+    return subprocess.Popen([binary, "record", "--pid", str(pid), "--rate", "200", "--format", "speedscope", "--idle",
+                             "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_py_spy(spy: Any) -> None:
+    import signal
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
 
 
 async def _setup(url: str, admin: str, bundles: list[pathlib.Path], n: int) -> list[tuple[str, str]]:
@@ -277,6 +363,7 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
             admin = subprocess.run(token_args, cwd=ROOT, capture_output=True, text=True,
                                    check=True).stdout.splitlines()[-1]
             proc, url = _start_server(data, db, pub)
+            spy = _start_py_spy(proc.pid, backend)
             try:
                 fleet = psutil.Process(proc.pid)
                 t_setup = time.time()
@@ -291,6 +378,7 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
                 peak_rss = rss_idle
                 changes: dict[str, float] = {}
                 op_errors: dict[str, int] = {}
+                pg_waits: dict[str, int] = {}
                 measure_from = t0 + ramp_s + WARMUP_S
                 with ctx.Pool(clients) as pool:
                     pending = pool.map_async(client_process, [(url, p, ramp_s, duration_s, t0) for p in per])
@@ -305,13 +393,17 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
                                 peak_rss = max(peak_rss, fleet.memory_info().rss)
                                 await asyncio.sleep(1.0)
 
-                        await asyncio.gather(operator, sample_rss())
+                        samplers = [operator, sample_rss()]
+                        if db:
+                            samplers.append(_sample_pg_waits(db, pending.ready, pg_waits))
+                        await asyncio.gather(*samplers)
 
                     asyncio.run(watch())
                     results = pending.get()
                 cpu_s = sum(fleet.cpu_times()[:2]) - cpu0
                 wall_s = time.time() - t0
             finally:
+                _stop_py_spy(spy)
                 proc.terminate()
                 proc.wait(timeout=30)
                 time.sleep(0.5)
@@ -326,8 +418,21 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
     for r in results:
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
-    seen = {k: v for r in results for k, v in r["changes_seen"].items()}
-    delays = [(seen[k] - t) * 1000 for k, t in changes.items() if k in seen]
+    seen: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        for d, sightings in r["serials_seen"].items():
+            seen.setdefault(d, []).extend(sightings)
+    delivered_at: dict[str, float] = {}
+    for k in changes:
+        d, want = k.rsplit(":", 1)
+        at = [when for s_, when in seen.get(d, []) if s_ >= int(want)]
+        if at:
+            delivered_at[k] = min(at)
+    delays = [(delivered_at[k] - t) * 1000 for k, t in changes.items() if k in delivered_at]
+    deferred: dict[str, int] = {}
+    for r in results:
+        for k, v in r["deferred"].items():
+            deferred[k] = deferred.get(k, 0) + v
     slow = sorted(x for r in results for x in r["slow"])
     if slow:
         per_s: dict[int, list[float]] = {}
@@ -335,7 +440,12 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
             per_s.setdefault(int(t - t0), []).append(ms)
         print("reports over 100 ms, by second after start (count, max ms):",
               " ".join(f"{k}s:{len(v)},{max(v):.0f}" for k, v in sorted(per_s.items())), file=sys.stderr)
-    late = sorted((t - t0, (seen[k] - t) * 1000) for k, t in changes.items() if k in seen)
+    stalls = _loop_stalls(log_text, t0)
+    if stalls:
+        print("fleet event-loop stalls over 100 ms (s after start: ms, gc ms):",
+              " ".join(f"{t:.0f}:{ms:.0f},{g:.0f}" for t, ms, g in stalls), file=sys.stderr)
+    measured_stalls = [ms for t, ms, _ in stalls if t >= measure_from - t0]
+    late = sorted((t - t0, (delivered_at[k] - t) * 1000) for k, t in changes.items() if k in delivered_at)
     print("change delivery (s after start, ms):", " ".join(f"{a:.0f}:{b:.0f}" for a, b in late), file=sys.stderr)
     return {
         "backend": backend, "devices": n, "duration_s": duration_s, "setup_s": round(setup_s, 1),
@@ -350,6 +460,8 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
         "change_delivery_p50_ms": round(statistics.median(delays), 1) if delays else None,
         "change_delivery_p99_ms": round(_pct(delays, 0.99), 1) if delays else None,
         "errors": errors, "error_count": sum(errors.values()),
+        "deferred": deferred, "gc": _gc_summary(log_text), "pg_waits": pg_waits,
+        "loop_stalls": len(measured_stalls), "loop_stall_max_ms": round(max(measured_stalls, default=0.0)),
         "fleet_rss_idle_mib": round(rss_idle / 2**20), "fleet_rss_peak_mib": round(peak_rss / 2**20),
         "fleet_cpu_percent_of_one_core": round(100 * cpu_s / wall_s),
     }
@@ -367,14 +479,16 @@ NOTE = ("Run to run, on this shared 2-core machine (other benchmarks often runni
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| backend | devices | reports/s | report p50 | report p99 | in the fleet p50 / p99 | errors "
-            "| change delivery p50 / p99 | warm-up report max | fleet RSS (idle -> peak) | fleet CPU |")
-    out = [head, "|" + "---|" * 11]
+            "| change delivery p50 / p99 | warm-up report max | shed (503, retried) | loop stalls > 100 ms "
+            "| fleet RSS (idle -> peak) | fleet CPU |")
+    out = [head, "|" + "---|" * 13]
     for r in rows:
         out.append(f"| {r['backend']} | {r['devices']} | {r['reports_per_s']} | {r['report_p50_ms']} ms "
                    f"| {r['report_p99_ms']} ms | {r['report_server_p50_ms']} / {r['report_server_p99_ms']} ms "
                    f"| {r['error_count']} | {r['change_delivery_p50_ms']} / "
                    f"{r['change_delivery_p99_ms']} ms ({r['changes_delivered']}/{r['changes']}) "
                    f"| {r['warmup_report_max_ms']} ms "
+                   f"| {sum(r['deferred'].values())} | {r['loop_stalls']} (max {r['loop_stall_max_ms']} ms) "
                    f"| {r['fleet_rss_idle_mib']} -> {r['fleet_rss_peak_mib']} MiB "
                    f"| {r['fleet_cpu_percent_of_one_core']}% of a core |")
     return "\n".join(out)

@@ -18,6 +18,7 @@ from sqlalchemy import delete
 
 import bundle
 
+from .admission import Admission
 from .assignments import Assignments, ChangeNotifier
 from .auth import AttemptLimiter, PrincipalCache
 from .blobs import LocalBlobStore
@@ -28,6 +29,7 @@ from .devices import DeviceRegistry
 from .ingest import ReportBatcher
 from .reports import Reports
 from .signing import Signer, load_or_create
+from .stalls import StallWatch
 from .watch import watch
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Fleet:
     report_batcher: ReportBatcher
     enroll_limiter: AttemptLimiter
     principals: PrincipalCache
+    admission: Admission
 
     @classmethod
     async def open(cls, config: ServerConfig) -> Fleet:
@@ -64,7 +67,7 @@ class Fleet:
             assignments=Assignments(db, signer, notifier, config.assignment_ttl_s),
             notifier=notifier, reports=reports, report_batcher=ReportBatcher(db, reports),
             enroll_limiter=AttemptLimiter(config.enroll_attempts_per_minute),
-            principals=PrincipalCache(config.credential_cache_s),
+            principals=PrincipalCache(config.credential_cache_s), admission=Admission(db),
         )
 
     async def close(self) -> None:
@@ -100,7 +103,8 @@ class Fleet:
     async def run_background(self) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(watch(self.db, self.assignments, self.principals, self.config.change_poll_s),
                                      name="fleet-watch"),
-                 asyncio.create_task(self._maintenance_loop(), name="fleet-retention")]
+                 asyncio.create_task(self._maintenance_loop(), name="fleet-retention"),
+                 asyncio.create_task(StallWatch().run(), name="fleet-stall-watch")]
         try:
             yield
         finally:

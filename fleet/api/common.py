@@ -19,9 +19,10 @@ from typing import Any
 from aiohttp import web
 from jsonschema.exceptions import best_match
 
-from ..auth import Principal, authenticate, bearer
+from ..auth import DEVICE_PREFIX, Principal, authenticate, bearer, hash_secret
 from ..errors import (
     BundleRejected,
+    Busy,
     Conflict,
     FleetError,
     Forbidden,
@@ -40,7 +41,7 @@ FLEET = web.AppKey("fleet", Fleet)
 
 STATUS: dict[type[FleetError], int] = {
     InvalidRequest: 400, Unauthenticated: 401, Forbidden: 403, NotFound: 404, Conflict: 409, Gone: 410,
-    TooLarge: 413, BundleRejected: 422, RateLimited: 429,
+    TooLarge: 413, BundleRejected: 422, RateLimited: 429, Busy: 503,
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -115,7 +116,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers: dict[str, str] = {}
         if status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="outpost-fleet"'
-        if isinstance(e, RateLimited):
+        if isinstance(e, (RateLimited, Busy)):
             headers["Retry-After"] = str(math.ceil(e.retry_after_s))
         return error_response(status, e.message, headers)
     except web.HTTPException as e:
@@ -136,7 +137,10 @@ def fleet(request: web.Request) -> Fleet:
 
 async def principal(request: web.Request) -> Principal:
     f = fleet(request)
-    return await authenticate(f.db, bearer(request.headers.get("Authorization")), f.principals)
+    token = bearer(request.headers.get("Authorization"))
+    if token.startswith(DEVICE_PREFIX) and f.principals.get(hash_secret(token)) is None:
+        f.admission.admit_cold("device credential check")  # a booting herd is spread, not queued
+    return await authenticate(f.db, token, f.principals)
 
 
 def _no_constants(name: str) -> Any:

@@ -129,6 +129,8 @@ async def get_assignment(request: web.Request) -> web.Response:
     f = fleet(request)
     serial = query_number(request, "serial", 0, 2**62, integer=True)
     wait_s = query_number(request, "wait_s", 0, f.config.long_poll_max_s)
+    if not f.assignments.knows(device_id):
+        f.admission.admit_cold("first assignment read")
     if serial is None:
         return web.json_response(await f.assignments.document(device_id))
     doc = await f.assignments.wait(device_id, int(serial),
