@@ -424,8 +424,8 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
             seen.setdefault(d, []).extend(sightings)
     delivered_at: dict[str, float] = {}
     for k in changes:
-        d, want = k.rsplit(":", 1)
-        at = [when for s_, when in seen.get(d, []) if s_ >= int(want)]
+        device, want = k.rsplit(":", 1)
+        at = [when for s_, when in seen.get(device, []) if s_ >= int(want)]
         if at:
             delivered_at[k] = min(at)
     delays = [(delivered_at[k] - t) * 1000 for k, t in changes.items() if k in delivered_at]
@@ -467,41 +467,50 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
     }
 
 
-#: Observations across runs, kept with the generated section.
-NOTE = ("Run to run, on this shared 2-core machine (other benchmarks often running beside it), report p99 "
-        "moved between about 100 and 460 ms on SQLite (nine runs) and 85 and 370 ms on PostgreSQL (four runs), with "
-        "p50 steady at 8-26 ms and zero errors in every run after the changes above: treat the p99 target as "
-        "met on PostgreSQL and borderline on SQLite here. The cold start is the weak spot: 2,000 devices "
-        "booting within 20 s queue for up to 10-25 s (each first contact costs a credential lookup, a "
-        "serial read, a document build and a bundle-list write); devices retry, and it settles within "
-        "about 20 s.")
+#: Observations across runs, kept with the generated section (edit by hand after a re-run).
+NOTE = ("Measured by the i9-fleet change on this shared 2-core VM with six other developers' test suites running "
+        "(load average 3-7 throughout): see 'Root causes' above for the profile evidence; absolute figures from "
+        "such runs scatter by 2-5x, so the verdict belongs to a re-run on a quiet machine.")
+
+
+def _ok(r: dict[str, Any]) -> bool:
+    return bool(r["report_p99_ms"] < 100 and r["error_count"] == 0 and r["changes_delivered"] == r["changes"])
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Target: report p99 < 100 ms, zero errors, every assignment change delivered, in every run."""
+    out = []
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend]
+        met = sum(_ok(r) for r in mine)
+        out.append(f"- {backend}: target (p99 < 100 ms, 0 errors, every change delivered) met in {met} of "
+                   f"{len(mine)} consecutive runs (p99 " + ", ".join(f"{r['report_p99_ms']}" for r in mine)
+                   + " ms; errors " + ", ".join(str(r["error_count"]) for r in mine) + "; delivered "
+                   + ", ".join(f"{r['changes_delivered']}/{r['changes']}" for r in mine) + ").")
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| backend | devices | reports/s | report p50 | report p99 | in the fleet p50 / p99 | errors "
+    head = ("| run | backend | devices | reports/s | report p50 | report p99 | in the fleet p50 / p99 | errors "
             "| change delivery p50 / p99 | warm-up report max | shed (503, retried) | loop stalls > 100 ms "
-            "| fleet RSS (idle -> peak) | fleet CPU |")
-    out = [head, "|" + "---|" * 13]
+            "| fleet RSS (idle -> peak) | fleet CPU | load avg after |")
+    out = [head, "|" + "---|" * 15]
     for r in rows:
-        out.append(f"| {r['backend']} | {r['devices']} | {r['reports_per_s']} | {r['report_p50_ms']} ms "
+        out.append(f"| {r.get('run', 1)} | {r['backend']} | {r['devices']} | {r['reports_per_s']} "
+                   f"| {r['report_p50_ms']} ms "
                    f"| {r['report_p99_ms']} ms | {r['report_server_p50_ms']} / {r['report_server_p99_ms']} ms "
                    f"| {r['error_count']} | {r['change_delivery_p50_ms']} / "
                    f"{r['change_delivery_p99_ms']} ms ({r['changes_delivered']}/{r['changes']}) "
                    f"| {r['warmup_report_max_ms']} ms "
                    f"| {sum(r['deferred'].values())} | {r['loop_stalls']} (max {r['loop_stall_max_ms']} ms) "
                    f"| {r['fleet_rss_idle_mib']} -> {r['fleet_rss_peak_mib']} MiB "
-                   f"| {r['fleet_cpu_percent_of_one_core']}% of a core |")
+                   f"| {r['fleet_cpu_percent_of_one_core']}% of a core | {r.get('load_average_after', '-')} |")
     return "\n".join(out)
 
 
 def write_readme(rows: list[dict[str, Any]], argv: list[str], load: str) -> None:
     path = ROOT / "bench" / "README.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    verdicts = []
-    for r in rows:
-        ok = r["report_p99_ms"] < 100 and r["error_count"] == 0
-        verdicts.append(f"- {r['backend']}: p99 {r['report_p99_ms']} ms, {r['error_count']} errors "
-                        f"(target p99 < 100 ms and zero errors: {'met' if ok else 'MISSED'}).")
     section = "\n".join([
         "## Fleet",
         "",
@@ -509,30 +518,71 @@ def write_readme(rows: list[dict[str, Any]], argv: list[str], load: str) -> None
         f"{platform.machine()}, {os.cpu_count()} CPUs; fleet, client processes and PostgreSQL on the same "
         f"machine ({load}).",
         "",
+        "To re-run the target on a quiet machine: `.venv/bin/python bench/fleet_bench.py --devices 2000 "
+        "--duration-s 60 --runs 3 --write-readme` (about 20 minutes; PostgreSQL from OUTPOST_TEST_POSTGRES_URL "
+        "or a private throwaway cluster). It prints one JSON line per run and backend, then the table below and "
+        "one verdict line per backend; on standard error, per run: the reports over 100 ms by second, the "
+        "fleet's own event-loop stall warnings (`fleet/stalls.py`: each stall over 100 ms with the garbage "
+        "collector's share of it), and every change's delivery delay. With `FLEET_BENCH_PY_SPY=path/to/py-spy "
+        "FLEET_BENCH_PROFILE_DIR=DIR` the fleet is sampled by py-spy into a speedscope file per backend (samples "
+        "in time order, idle included, so a stall can be found in time).",
+        "",
         "One `outpost fleet serve` process. Each simulated device (real aiohttp clients on loopback, spread over "
         "client processes) boots at a random time in the first 20 s, then holds a long-poll on its signed "
         "assignment (`wait_s=30`) and posts a report (heartbeat + one telemetry window) every 10 s; an "
-        "operator re-assigns a few devices every second. Latencies are client-measured for requests sent in "
+        "operator re-assigns 5 devices every second. Latencies are client-measured for requests sent in "
         f"the measurement window, which opens {WARMUP_S:.0f} s after the last device booted; 'warm-up report "
-        "max' is the slowest report before that (the cold start: every device's first report, first poll and "
-        "first credential check at once). 'In the fleet' is the server's own time for the same reports "
-        "(its `Server-Timing` header), so the gap to the client figure is queueing outside the handler: "
-        "the fleet's event loop, the client processes, and the machine's other load. 'Change delivery' is "
-        "from the operator's PUT being answered to the device's long-poll being answered with the new "
-        "serial. RSS is the fleet process's, sampled once a second.",
+        "max' is the slowest report before that (the cold start). 'In the fleet' is the server's own time for "
+        "the same reports (its `Server-Timing` header). 'Change delivery' is from the operator's PUT being "
+        "answered to the device's long-poll returning a serial at least that new. 'Shed' counts requests the "
+        "fleet answered 503 with a jittered Retry-After (a cold-start herd, `fleet/admission.py`); the "
+        "simulated device, like the agent, waits that long and sends the same request again, so a shed "
+        "request is neither an error nor lost. 'Loop stalls' are the fleet's own stall warnings inside the "
+        "measurement window. Errors count the whole run, warm-up included.",
         "",
         table(rows),
         "",
-        *verdicts,
+        *verdicts(rows),
         "",
         "Errors by kind: " + "; ".join(f"{r['backend']}: {r['errors'] or 'none'}" for r in rows) + ".",
+        "Garbage collections in the fleet while serving (from its log): "
+        + "; ".join(f"{r['backend']} run {r.get('run', 1)}: {r['gc']}" for r in rows) + ".",
         "",
-        "What made it fit: reports are group-committed (one transaction and a constant number of statements "
-        "per batch, `fleet/ingest.py`), verified credentials are cached (revocations reach every process "
-        "through the `revocations` table within a second), and a long-poll that times out with its serial "
-        "unchanged is answered from the process's remembered serial and cached signed document, without a "
-        "query. Before these, the same run on SQLite had report p50 of 6-20 s and hundreds of time-outs: "
-        "every report held SQLite's single writer connection across several event-loop turns.",
+        "Root causes found (profiles: py-spy on the fleet during the run, the fleet's own stall and batch "
+        "warnings, pg_stat_activity sampled by the bench):",
+        "",
+        "- Periodic stalls were CPython's full garbage collections. The stall watch attributed every stall "
+        "over 100 ms in the first runs to the collector: generation-2 collections of 150-950 ms every 2-5 s "
+        "(e.g. 275, 327, 677, 171 and 280 ms within 25 s on SQLite). A fleet with 2,000 devices keeps "
+        "~120 tracked objects per device alive (held long-polls, kept-alive report connections; census with "
+        "500 devices: ~250 per device including the client side), they all reach the old generation, and "
+        "CPython collects it whenever it grew by a quarter, walking every object with the GIL held. Almost "
+        "none of it is garbage (10 cyclic objects in 6 s of 500 devices' traffic). Fix (`fleet/gcpolicy.py`): "
+        "start-up objects frozen, automatic full collections off, one full collection every 10 minutes run by "
+        "the fleet itself. Raising the young threshold instead was tried and made middle-generation "
+        "collections walk ~100k objects (150-250 ms), so the young thresholds stay at CPython's. After: no "
+        "full collection while serving, no stall attributed to the collector over 100 ms in the measurement "
+        "windows measured.",
+        "- Each held long-poll used `asyncio.wait_for`, a task, a cancellation and an exception per poll: now "
+        "one timer that sets the same event a change sets (`Assignments.wait`), fewer live objects per poll.",
+        "- The cold start queued: 2,000 devices booting in 20 s each need a credential lookup, a serial read, "
+        "a document build and a first report; queued behind each other the slowest first report took 5-15 s "
+        "here (18.5 s on the quiet machine) and some timed out. Now the fleet sheds first-contact work while "
+        "more units of database work are open than 8x its connections (`fleet/admission.py`), and reports "
+        "while 1,000 are queued, with 503 and a Retry-After drawn from 1-10 s: devices come back spread over "
+        "a report period, and requests that need no database (cached credential, known serial) are never "
+        "shed. Warm-up max fell to 0.5-7 s in the runs below.",
+        "- PostgreSQL: `pool_pre_ping` cost a round trip and ~9% of the fleet's busy CPU (py-spy: "
+        "`_async_ping`) on every unit of work; removed (a dead connection fails once and SQLAlchemy then "
+        "invalidates the pool). Sampled pg_stat_activity shows the fleet's sessions almost always 'idle in "
+        "transaction, ClientRead' (waiting for the fleet's next statement), rarely on WALSync, and 1-3 "
+        "checkpoints per run requested by other users of the shared server: what remains of the PostgreSQL "
+        "tail here is the fleet process waiting for a CPU, which this machine's load explains.",
+        "- Undelivered changes: a change now counts as delivered when the device sees a serial at least as new "
+        "(a device re-assigned twice in a few seconds legitimately skips the middle serial, which the old "
+        "exact-serial count called lost); with stalls gone every change was delivered in every run below.",
+        "- Evidence tools kept: the fleet logs each event-loop stall over 100 ms with the collector's share, "
+        "each report batch over 100 ms with its queue, and its collections at exit; the bench prints them.",
         "",
         NOTE,
         "",
@@ -550,16 +600,22 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=2, help="client processes")
     ap.add_argument("--changes-per-s", type=float, default=5.0)
     ap.add_argument("--backend", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
+    ap.add_argument("--runs", type=int, default=1, help="consecutive runs of each backend (the target: 3)")
     ap.add_argument("--write-readme", action="store_true", help="replace the Fleet section of bench/README.md")
     args = ap.parse_args()
     _raise_fd_limit()
     load = f"load average {os.getloadavg()[0]:.1f} at start"
     rows = []
-    for backend in args.backend:
-        row = run_backend(backend, args.devices, args.duration_s, args.clients, args.changes_per_s)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    for run in range(1, args.runs + 1):
+        for backend in args.backend:
+            row = run_backend(backend, args.devices, args.duration_s, args.clients, args.changes_per_s)
+            row["run"] = run
+            row["load_average_after"] = round(os.getloadavg()[0], 1)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     print(table(rows))
+    for line in verdicts(rows):
+        print(line)
     if args.write_readme:
         write_readme(rows, sys.argv[1:], load)
 
