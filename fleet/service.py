@@ -50,6 +50,7 @@ class Fleet:
     enroll_limiter: AttemptLimiter
     principals: PrincipalCache
     admission: Admission
+    stall_watch: StallWatch
 
     @classmethod
     async def open(cls, config: ServerConfig) -> Fleet:
@@ -60,6 +61,7 @@ class Fleet:
         db = await open_database(config.db_url)
         notifier = ChangeNotifier(db, config.change_poll_s)
         reports = Reports(db, config.retention)
+        stall_watch = StallWatch()
         return cls(
             config=config, db=db, blobs=blobs, signer=signer,
             bundles=BundleStore(db, blobs, trust, max_unpacked_bytes=2 * config.max_bundle_bytes),
@@ -67,7 +69,8 @@ class Fleet:
             assignments=Assignments(db, signer, notifier, config.assignment_ttl_s),
             notifier=notifier, reports=reports, report_batcher=ReportBatcher(db, reports),
             enroll_limiter=AttemptLimiter(config.enroll_attempts_per_minute),
-            principals=PrincipalCache(config.credential_cache_s), admission=Admission(db),
+            principals=PrincipalCache(config.credential_cache_s), admission=Admission(db, stall_watch),
+            stall_watch=stall_watch,
         )
 
     async def close(self) -> None:
@@ -104,7 +107,7 @@ class Fleet:
         tasks = [asyncio.create_task(watch(self.db, self.assignments, self.principals, self.config.change_poll_s),
                                      name="fleet-watch"),
                  asyncio.create_task(self._maintenance_loop(), name="fleet-retention"),
-                 asyncio.create_task(StallWatch().run(), name="fleet-stall-watch")]
+                 asyncio.create_task(self.stall_watch.run(), name="fleet-stall-watch")]
         try:
             yield
         finally:

@@ -29,6 +29,9 @@ class StallWatch:
     gc_runs: dict[int, int] = field(default_factory=dict)
     gc_total_ms: dict[int, float] = field(default_factory=dict)
     gc_longest_ms: dict[int, float] = field(default_factory=dict)
+    #: The worst lag (ms) in the current and the previous second: how far behind the loop runs now.
+    recent_lag_ms: float = 0.0
+    _second: tuple[int, float, float] = (0, 0.0, 0.0)  # (second, its max lag, the previous second's)
     _gc_started: float | None = None
     _gc_since_tick_ms: float = 0.0
     _gc_worst: tuple[float, int] = (0.0, -1)  # (ms, generation) of the longest collection since the tick
@@ -46,6 +49,14 @@ class StallWatch:
             self.gc_total_ms[gen] = self.gc_total_ms.get(gen, 0.0) + ms
             self.gc_longest_ms[gen] = max(self.gc_longest_ms.get(gen, 0.0), ms)
 
+    def _note(self, second: int, lag_ms: float) -> None:
+        current, worst, previous = self._second
+        if second != current:
+            previous, worst = (worst if second == current + 1 else 0.0), 0.0
+        worst = max(worst, lag_ms)
+        self._second = (second, worst, previous)
+        self.recent_lag_ms = max(worst, previous)
+
     def summary(self) -> str:
         return "; ".join(f"generation {g}: {self.gc_runs[g]} collections, {self.gc_total_ms[g]:.0f} ms in all, "
                          f"longest {self.gc_longest_ms[g]:.0f} ms" for g in sorted(self.gc_runs)) or "none"
@@ -59,6 +70,7 @@ class StallWatch:
                 await asyncio.sleep(self.tick_s)
                 now = loop.time()
                 lag_ms = max(0.0, (now - expected) * 1000)
+                self._note(int(now), lag_ms)
                 if lag_ms >= self.warn_ms:
                     worst_ms, gen = self._gc_worst
                     log.warning("event loop stalled %.0f ms (garbage collector: %.0f ms of it, longest %.0f ms "

@@ -109,7 +109,7 @@ async def test_a_cold_device_is_told_to_come_back_later_when_the_database_is_sat
             opened += 1
             await release.wait()
 
-    holders = [asyncio.create_task(hold()) for _ in range(int(admission.factor * db.capacity))]
+    holders = [asyncio.create_task(hold()) for _ in range(admission.max_in_flight)]
     try:
         while opened < len(holders):
             await asyncio.sleep(0.01)
@@ -136,3 +136,26 @@ async def test_a_full_report_queue_answers_503_with_a_jittered_retry_after(api: 
         assert r.status == 503 and "reports queued" in r.body["error"]
         delays.add(int(r.headers["Retry-After"]))
     assert len(delays) > 1  # spread, not one herd coming back together
+
+
+async def test_a_herd_is_told_to_come_back_later_while_the_event_loop_lags(api: Harness) -> None:
+    admission = api.fleet.admission
+    admission.herd_per_s = 3
+    devices = [await api.enroll(f"herd-{i}") for i in range(4)]
+    await asyncio.sleep(0.2)  # the stall watch is ticking
+    time.sleep(0.3)  # the loop is held, as a saturated fleet's is
+    await asyncio.sleep(0.1)
+    assert api.fleet.stall_watch.recent_lag_ms >= admission.max_lag_ms
+    statuses = []
+    for device, cred in devices:  # one lagging moment alone refuses nobody; a herd arriving in it is spread
+        r = await api.call("POST", f"/api/v1/devices/{device}/reports", cred, json={"health": {"status": "ok"}})
+        statuses.append(r.status)
+        if r.status == 503:
+            assert 1 <= int(r.headers["Retry-After"]) <= admission.spread_s
+    assert statuses[:2] == [202, 202] and statuses[-1] == 503, statuses
+    device, cred = devices[-1]
+    deadline = time.monotonic() + 10
+    while api.fleet.stall_watch.recent_lag_ms >= api.fleet.admission.max_lag_ms and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    r = await api.call("POST", f"/api/v1/devices/{device}/reports", cred, json={"health": {"status": "ok"}})
+    assert r.status == 202, r.body
