@@ -469,13 +469,16 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
 
 #: Observations across runs, kept with the generated section (edit by hand after a re-run).
 NOTE = ("Measured by the i9-fleet change on this shared 2-core VM with six other developers' test suites running "
-        "(load average 3-7 throughout; the fleet got 24-40% of a core): absolute figures from such runs "
-        "scatter by 2-5x, so the verdict belongs to a re-run on a quiet machine. An earlier set of three runs "
-        "each (before the loop-lag shedding, load 5-7) gave SQLite p99 120.5, 122.0, 145.8 ms and PostgreSQL "
+        "beside it (the load average after each run is in the table; it moved between 1 and 7 during the "
+        "work): absolute figures from such runs scatter by 2-5x, and every miss measured came with a load "
+        "average over 4, so the verdict belongs to a re-run on a quiet machine. The set of three runs before "
+        "the one above, same code (load 1.5-4.8), gave SQLite p99 260.8, 36.1, 22.0 ms and PostgreSQL 387.9, "
+        "22.5, 22.7 ms, zero errors and every change delivered, warm-up max 0.25-2.0 s; its two misses were "
+        "the runs at load 4.7-4.8. A set before that (without the loop-lag shedding, load 5-7) gave SQLite "
+        "p99 120.5, 122.0, 145.8 ms and PostgreSQL "
         "315.9, 1847.5, 1377.1 ms, zero errors and every change delivered in all six, no loop stall on SQLite "
         "and 5-17 on PostgreSQL, where the stall watch attributed them to the process not getting a CPU "
-        "(young collections of a few ms taking 100-190 ms). The same code measured 42 ms p99 on PostgreSQL "
-        "in a 30 s run at a quieter moment.")
+        "(young collections of a few ms taking 100-190 ms).")
 
 
 def _ok(r: dict[str, Any]) -> bool:
@@ -549,7 +552,8 @@ def write_readme(rows: list[dict[str, Any]], argv: list[str], load: str) -> None
         "",
         *verdicts(rows),
         "",
-        "Errors by kind: " + "; ".join(f"{r['backend']}: {r['errors'] or 'none'}" for r in rows) + ".",
+        "Errors by kind: " + "; ".join(f"{r['backend']} run {r.get('run', 1)}: {r['errors'] or 'none'}"
+                                       for r in rows) + ".",
         "Garbage collections in the fleet while serving (from its log): "
         + "; ".join(f"{r['backend']} run {r.get('run', 1)}: {r['gc']}" for r in rows) + ".",
         "",
