@@ -69,13 +69,29 @@ class ClientResult:
     #: the fleet's own time for the same requests (its Server-Timing header)
     report_server_ms: list[float] = field(default_factory=list)
     poll_answers: int = 0
-    changes_seen: dict[str, float] = field(default_factory=dict)  # "device:serial" -> time seen
+    #: device -> [(serial, time first seen)], in order: a change is delivered once a serial at least as new is seen
+    serials_seen: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    #: requests the fleet answered 503 + Retry-After (load shedding), by phase; retried after that delay
+    deferred: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     slow: list[tuple[float, float]] = field(default_factory=list)  # (time, ms) of reports over 100 ms
     warmup_max_ms: float = 0.0
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def defer(self, kind: str) -> None:
+        self.deferred[kind] = self.deferred.get(kind, 0) + 1
+
+
+def _retry_after(r: Any) -> float | None:
+    """The delay a 503 asked for, as the agent honours it; None for any other answer."""
+    if r.status != 503:
+        return None
+    try:
+        return max(0.0, float(r.headers.get("Retry-After", "1")))
+    except ValueError:
+        return 1.0
 
 
 def _report_body(now: float) -> dict[str, Any]:
@@ -103,14 +119,19 @@ async def _device(http: Any, url: str, device_id: str, cred: str, start_at: floa
                 async with http.get(f"{url}/api/v1/devices/{device_id}/assignment",
                                     params={"serial": str(serial), "wait_s": str(LONG_POLL_S)},
                                     headers=headers, timeout=aiohttp.ClientTimeout(total=LONG_POLL_S + 30)) as r:
+                    delay = _retry_after(r)
+                    if delay is not None:
+                        result.defer("poll")
+                        await asyncio.sleep(delay)
+                        continue
                     if r.status != 200:
                         result.error(f"poll HTTP {r.status}")
                         await asyncio.sleep(1)
                         continue
                     body = await r.json()
                 new = int(body["document"]["serial"])
-                if new != serial and serial != 0:
-                    result.changes_seen[f"{device_id}:{new}"] = time.time()
+                if new != serial:
+                    result.serials_seen.setdefault(device_id, []).append((new, time.time()))
                 serial = new
                 result.poll_answers += 1
             except asyncio.CancelledError:
@@ -130,6 +151,11 @@ async def _device(http: Any, url: str, device_id: str, cred: str, start_at: floa
                 async with http.post(f"{url}/api/v1/devices/{device_id}/reports", json=_report_body(time.time()),
                                      headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as r:
                     await r.read()
+                    delay = _retry_after(r)
+                    if delay is not None:  # shed: the agent keeps the report and sends it after the delay
+                        result.defer("report (measured)" if measured else "report (warm-up)")
+                        await asyncio.sleep(delay)
+                        continue
                     if r.status != 202:
                         result.error(f"report HTTP {r.status}")
                     elif not measured:
@@ -188,7 +214,7 @@ def _start_server(data: pathlib.Path, db: str | None, trust: pathlib.Path) -> tu
     import subprocess
     profile = os.environ.get("FLEET_BENCH_PROFILE")  # write a cProfile of the fleet process there
     args = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "cli.main",
-            "fleet", "serve", "--data", str(data), "--port", "0", "--trust", str(trust),
+            "-v", "fleet", "serve", "--data", str(data), "--port", "0", "--trust", str(trust),
             "--enroll-per-minute", "100000"]
     if db:
         args += ["--db", db]
@@ -199,12 +225,72 @@ def _start_server(data: pathlib.Path, db: str | None, trust: pathlib.Path) -> tu
         if line.startswith("fleet: listening on "):
             import threading
             def drain(log: pathlib.Path = data.parent / "fleet.log") -> None:
-                with open(log, "w") as f:
+                with open(log, "w", buffering=1) as f:  # line by line: read while it runs
                     for rest in proc.stdout or ():
                         f.write(rest)
             threading.Thread(target=drain, daemon=True).start()
             return proc, line.split()[-1]
     raise RuntimeError("fleet did not start")
+
+
+_STALL = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) WARNING fleet\.stalls: event loop stalled "
+                    r"(\d+) ms \(garbage collector: (\d+) ms", re.M)
+
+
+def _loop_stalls(log_text: str, t0: float) -> list[tuple[float, float, float]]:
+    """(seconds after t0, stall ms, of which gc ms) from the fleet's own stall warnings (fleet/stalls.py)."""
+    out = []
+    for m in _STALL.finditer(log_text):
+        at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+        out.append((at - t0, float(m.group(3)), float(m.group(4))))
+    return out
+
+
+async def _sample_pg_waits(url: str, done: Any, tally: dict[str, int]) -> None:
+    """What the fleet's PostgreSQL sessions are doing, 10 times a second: where a slow commit waits.
+
+    Also counts checkpoints the server ran meanwhile (other users of a shared server cause them)."""
+    import asyncpg
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        q = "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+        checkpoints = await conn.fetchval(q)
+        while not done():
+            for row in await conn.fetch(
+                    "SELECT state, wait_event_type, wait_event FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state <> 'idle'"):
+                key = f"{row['state']}:{row['wait_event_type'] or 'cpu'}:{row['wait_event'] or '-'}"
+                tally[key] = tally.get(key, 0) + 1
+            await asyncio.sleep(0.1)
+        tally["checkpoints during the run"] = await conn.fetchval(q) - checkpoints
+    finally:
+        await conn.close()
+
+
+def _gc_summary(log_text: str) -> str:
+    """The fleet's own count of garbage collections while serving (fleet/stalls.py, logged at exit)."""
+    m = re.search(r"garbage collections while serving: (.*)$", log_text, re.M)
+    return m.group(1) if m else "not logged"
+
+
+def _start_py_spy(pid: int, backend: str) -> Any:
+    """Sample the fleet with py-spy (FLEET_BENCH_PY_SPY=path of the binary) into FLEET_BENCH_PROFILE_DIR,
+    as a speedscope file: its samples keep their order, so a stall can be found in time."""
+    import subprocess
+    binary = os.environ.get("FLEET_BENCH_PY_SPY")
+    if not binary:
+        return None
+    out = pathlib.Path(os.environ.get("FLEET_BENCH_PROFILE_DIR", ".")) / f"fleet-{backend}.speedscope.json"
+    return subprocess.Popen([binary, "record", "--pid", str(pid), "--rate", "200", "--format", "speedscope", "--idle",
+                             "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_py_spy(spy: Any) -> None:
+    import signal
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
 
 
 async def _setup(url: str, admin: str, bundles: list[pathlib.Path], n: int) -> list[tuple[str, str]]:
@@ -277,6 +363,7 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
             admin = subprocess.run(token_args, cwd=ROOT, capture_output=True, text=True,
                                    check=True).stdout.splitlines()[-1]
             proc, url = _start_server(data, db, pub)
+            spy = _start_py_spy(proc.pid, backend)
             try:
                 fleet = psutil.Process(proc.pid)
                 t_setup = time.time()
@@ -291,6 +378,7 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
                 peak_rss = rss_idle
                 changes: dict[str, float] = {}
                 op_errors: dict[str, int] = {}
+                pg_waits: dict[str, int] = {}
                 measure_from = t0 + ramp_s + WARMUP_S
                 with ctx.Pool(clients) as pool:
                     pending = pool.map_async(client_process, [(url, p, ramp_s, duration_s, t0) for p in per])
@@ -305,13 +393,17 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
                                 peak_rss = max(peak_rss, fleet.memory_info().rss)
                                 await asyncio.sleep(1.0)
 
-                        await asyncio.gather(operator, sample_rss())
+                        samplers = [operator, sample_rss()]
+                        if db:
+                            samplers.append(_sample_pg_waits(db, pending.ready, pg_waits))
+                        await asyncio.gather(*samplers)
 
                     asyncio.run(watch())
                     results = pending.get()
                 cpu_s = sum(fleet.cpu_times()[:2]) - cpu0
                 wall_s = time.time() - t0
             finally:
+                _stop_py_spy(spy)
                 proc.terminate()
                 proc.wait(timeout=30)
                 time.sleep(0.5)
@@ -326,8 +418,21 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
     for r in results:
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
-    seen = {k: v for r in results for k, v in r["changes_seen"].items()}
-    delays = [(seen[k] - t) * 1000 for k, t in changes.items() if k in seen]
+    seen: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        for d, sightings in r["serials_seen"].items():
+            seen.setdefault(d, []).extend(sightings)
+    delivered_at: dict[str, float] = {}
+    for k in changes:
+        device, want = k.rsplit(":", 1)
+        at = [when for s_, when in seen.get(device, []) if s_ >= int(want)]
+        if at:
+            delivered_at[k] = min(at)
+    delays = [(delivered_at[k] - t) * 1000 for k, t in changes.items() if k in delivered_at]
+    deferred: dict[str, int] = {}
+    for r in results:
+        for k, v in r["deferred"].items():
+            deferred[k] = deferred.get(k, 0) + v
     slow = sorted(x for r in results for x in r["slow"])
     if slow:
         per_s: dict[int, list[float]] = {}
@@ -335,7 +440,12 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
             per_s.setdefault(int(t - t0), []).append(ms)
         print("reports over 100 ms, by second after start (count, max ms):",
               " ".join(f"{k}s:{len(v)},{max(v):.0f}" for k, v in sorted(per_s.items())), file=sys.stderr)
-    late = sorted((t - t0, (seen[k] - t) * 1000) for k, t in changes.items() if k in seen)
+    stalls = _loop_stalls(log_text, t0)
+    if stalls:
+        print("fleet event-loop stalls over 100 ms (s after start: ms, gc ms):",
+              " ".join(f"{t:.0f}:{ms:.0f},{g:.0f}" for t, ms, g in stalls), file=sys.stderr)
+    measured_stalls = [ms for t, ms, _ in stalls if t >= measure_from - t0]
+    late = sorted((t - t0, (delivered_at[k] - t) * 1000) for k, t in changes.items() if k in delivered_at)
     print("change delivery (s after start, ms):", " ".join(f"{a:.0f}:{b:.0f}" for a, b in late), file=sys.stderr)
     return {
         "backend": backend, "devices": n, "duration_s": duration_s, "setup_s": round(setup_s, 1),
@@ -350,44 +460,65 @@ def run_backend(backend: str, n: int, duration_s: float, clients: int, changes_p
         "change_delivery_p50_ms": round(statistics.median(delays), 1) if delays else None,
         "change_delivery_p99_ms": round(_pct(delays, 0.99), 1) if delays else None,
         "errors": errors, "error_count": sum(errors.values()),
+        "deferred": deferred, "gc": _gc_summary(log_text), "pg_waits": pg_waits,
+        "loop_stalls": len(measured_stalls), "loop_stall_max_ms": round(max(measured_stalls, default=0.0)),
         "fleet_rss_idle_mib": round(rss_idle / 2**20), "fleet_rss_peak_mib": round(peak_rss / 2**20),
         "fleet_cpu_percent_of_one_core": round(100 * cpu_s / wall_s),
     }
 
 
-#: Observations across runs, kept with the generated section.
-NOTE = ("Run to run, on this shared 2-core machine (other benchmarks often running beside it), report p99 "
-        "moved between about 100 and 460 ms on SQLite (nine runs) and 85 and 370 ms on PostgreSQL (four runs), with "
-        "p50 steady at 8-26 ms and zero errors in every run after the changes above: treat the p99 target as "
-        "met on PostgreSQL and borderline on SQLite here. The cold start is the weak spot: 2,000 devices "
-        "booting within 20 s queue for up to 10-25 s (each first contact costs a credential lookup, a "
-        "serial read, a document build and a bundle-list write); devices retry, and it settles within "
-        "about 20 s.")
+#: Observations across runs, kept with the generated section (edit by hand after a re-run).
+NOTE = ("Measured by the i9-fleet change on this shared 2-core VM with six other developers' test suites running "
+        "beside it (the load average after each run is in the table; it moved between 1 and 7 during the "
+        "work): absolute figures from such runs scatter by 2-5x, and every miss measured came with a load "
+        "average over 4, so the verdict belongs to a re-run on a quiet machine. The set of three runs before "
+        "the one above, same code (load 1.5-4.8), gave SQLite p99 260.8, 36.1, 22.0 ms and PostgreSQL 387.9, "
+        "22.5, 22.7 ms, zero errors and every change delivered, warm-up max 0.25-2.0 s; its two misses were "
+        "the runs at load 4.7-4.8. A set before that (without the loop-lag shedding, load 5-7) gave SQLite "
+        "p99 120.5, 122.0, 145.8 ms and PostgreSQL "
+        "315.9, 1847.5, 1377.1 ms, zero errors and every change delivered in all six, no loop stall on SQLite "
+        "and 5-17 on PostgreSQL, where the stall watch attributed them to the process not getting a CPU "
+        "(young collections of a few ms taking 100-190 ms).")
+
+
+def _ok(r: dict[str, Any]) -> bool:
+    return bool(r["report_p99_ms"] < 100 and r["error_count"] == 0 and r["changes_delivered"] == r["changes"])
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Target: report p99 < 100 ms, zero errors, every assignment change delivered, in every run."""
+    out = []
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend]
+        met = sum(_ok(r) for r in mine)
+        out.append(f"- {backend}: target (p99 < 100 ms, 0 errors, every change delivered) met in {met} of "
+                   f"{len(mine)} consecutive runs (p99 " + ", ".join(f"{r['report_p99_ms']}" for r in mine)
+                   + " ms; errors " + ", ".join(str(r["error_count"]) for r in mine) + "; delivered "
+                   + ", ".join(f"{r['changes_delivered']}/{r['changes']}" for r in mine) + ").")
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| backend | devices | reports/s | report p50 | report p99 | in the fleet p50 / p99 | errors "
-            "| change delivery p50 / p99 | warm-up report max | fleet RSS (idle -> peak) | fleet CPU |")
-    out = [head, "|" + "---|" * 11]
+    head = ("| run | backend | devices | reports/s | report p50 | report p99 | in the fleet p50 / p99 | errors "
+            "| change delivery p50 / p99 | warm-up report max | shed (503, retried) | loop stalls > 100 ms "
+            "| fleet RSS (idle -> peak) | fleet CPU | load avg after |")
+    out = [head, "|" + "---|" * 15]
     for r in rows:
-        out.append(f"| {r['backend']} | {r['devices']} | {r['reports_per_s']} | {r['report_p50_ms']} ms "
+        out.append(f"| {r.get('run', 1)} | {r['backend']} | {r['devices']} | {r['reports_per_s']} "
+                   f"| {r['report_p50_ms']} ms "
                    f"| {r['report_p99_ms']} ms | {r['report_server_p50_ms']} / {r['report_server_p99_ms']} ms "
                    f"| {r['error_count']} | {r['change_delivery_p50_ms']} / "
                    f"{r['change_delivery_p99_ms']} ms ({r['changes_delivered']}/{r['changes']}) "
                    f"| {r['warmup_report_max_ms']} ms "
+                   f"| {sum(r['deferred'].values())} | {r['loop_stalls']} (max {r['loop_stall_max_ms']} ms) "
                    f"| {r['fleet_rss_idle_mib']} -> {r['fleet_rss_peak_mib']} MiB "
-                   f"| {r['fleet_cpu_percent_of_one_core']}% of a core |")
+                   f"| {r['fleet_cpu_percent_of_one_core']}% of a core | {r.get('load_average_after', '-')} |")
     return "\n".join(out)
 
 
 def write_readme(rows: list[dict[str, Any]], argv: list[str], load: str) -> None:
     path = ROOT / "bench" / "README.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    verdicts = []
-    for r in rows:
-        ok = r["report_p99_ms"] < 100 and r["error_count"] == 0
-        verdicts.append(f"- {r['backend']}: p99 {r['report_p99_ms']} ms, {r['error_count']} errors "
-                        f"(target p99 < 100 ms and zero errors: {'met' if ok else 'MISSED'}).")
     section = "\n".join([
         "## Fleet",
         "",
@@ -395,30 +526,81 @@ def write_readme(rows: list[dict[str, Any]], argv: list[str], load: str) -> None
         f"{platform.machine()}, {os.cpu_count()} CPUs; fleet, client processes and PostgreSQL on the same "
         f"machine ({load}).",
         "",
+        "To re-run the target on a quiet machine: `.venv/bin/python bench/fleet_bench.py --devices 2000 "
+        "--duration-s 60 --runs 3 --write-readme` (about 20 minutes; PostgreSQL from OUTPOST_TEST_POSTGRES_URL "
+        "or a private throwaway cluster). It prints one JSON line per run and backend, then the table below and "
+        "one verdict line per backend; on standard error, per run: the reports over 100 ms by second, the "
+        "fleet's own event-loop stall warnings (`fleet/stalls.py`: each stall over 100 ms with the garbage "
+        "collector's share of it), and every change's delivery delay. With `FLEET_BENCH_PY_SPY=path/to/py-spy "
+        "FLEET_BENCH_PROFILE_DIR=DIR` the fleet is sampled by py-spy into a speedscope file per backend (samples "
+        "in time order, idle included, so a stall can be found in time).",
+        "",
         "One `outpost fleet serve` process. Each simulated device (real aiohttp clients on loopback, spread over "
         "client processes) boots at a random time in the first 20 s, then holds a long-poll on its signed "
         "assignment (`wait_s=30`) and posts a report (heartbeat + one telemetry window) every 10 s; an "
-        "operator re-assigns a few devices every second. Latencies are client-measured for requests sent in "
+        "operator re-assigns 5 devices every second. Latencies are client-measured for requests sent in "
         f"the measurement window, which opens {WARMUP_S:.0f} s after the last device booted; 'warm-up report "
-        "max' is the slowest report before that (the cold start: every device's first report, first poll and "
-        "first credential check at once). 'In the fleet' is the server's own time for the same reports "
-        "(its `Server-Timing` header), so the gap to the client figure is queueing outside the handler: "
-        "the fleet's event loop, the client processes, and the machine's other load. 'Change delivery' is "
-        "from the operator's PUT being answered to the device's long-poll being answered with the new "
-        "serial. RSS is the fleet process's, sampled once a second.",
+        "max' is the slowest report before that (the cold start). 'In the fleet' is the server's own time for "
+        "the same reports (its `Server-Timing` header). 'Change delivery' is from the operator's PUT being "
+        "answered to the device's long-poll returning a serial at least that new. 'Shed' counts requests the "
+        "fleet answered 503 with a jittered Retry-After (a cold-start herd, `fleet/admission.py`); the "
+        "simulated device, like the agent, waits that long and sends the same request again, so a shed "
+        "request is neither an error nor lost. 'Loop stalls' are the fleet's own stall warnings inside the "
+        "measurement window. Errors count the whole run, warm-up included.",
         "",
         table(rows),
         "",
-        *verdicts,
+        *verdicts(rows),
         "",
-        "Errors by kind: " + "; ".join(f"{r['backend']}: {r['errors'] or 'none'}" for r in rows) + ".",
+        "Errors by kind: " + "; ".join(f"{r['backend']} run {r.get('run', 1)}: {r['errors'] or 'none'}"
+                                       for r in rows) + ".",
+        "Garbage collections in the fleet while serving (from its log): "
+        + "; ".join(f"{r['backend']} run {r.get('run', 1)}: {r['gc']}" for r in rows) + ".",
         "",
-        "What made it fit: reports are group-committed (one transaction and a constant number of statements "
-        "per batch, `fleet/ingest.py`), verified credentials are cached (revocations reach every process "
-        "through the `revocations` table within a second), and a long-poll that times out with its serial "
-        "unchanged is answered from the process's remembered serial and cached signed document, without a "
-        "query. Before these, the same run on SQLite had report p50 of 6-20 s and hundreds of time-outs: "
-        "every report held SQLite's single writer connection across several event-loop turns.",
+        "Root causes found (profiles: py-spy on the fleet during the run, the fleet's own stall and batch "
+        "warnings, pg_stat_activity sampled by the bench):",
+        "",
+        "- Periodic stalls were CPython's full garbage collections. The stall watch attributed every stall "
+        "over 100 ms in the first runs to the collector: generation-2 collections of 150-950 ms every 2-5 s "
+        "(e.g. 275, 327, 677, 171 and 280 ms within 25 s on SQLite). A fleet with 2,000 devices keeps "
+        "~120 tracked objects per device alive (held long-polls, kept-alive report connections; census with "
+        "500 devices: ~250 per device including the client side), they all reach the old generation, and "
+        "CPython collects it whenever it grew by a quarter, walking every object with the GIL held. Almost "
+        "none of it is garbage (10 cyclic objects in 6 s of 500 devices' traffic). Fix (`fleet/gcpolicy.py`): "
+        "start-up objects frozen, automatic full collections off, one full collection every 10 minutes run by "
+        "the fleet itself. Raising the young threshold instead was tried and made middle-generation "
+        "collections walk ~100k objects (150-250 ms), so the young thresholds stay at CPython's. After: no "
+        "full collection while serving, no stall attributed to the collector over 100 ms in the measurement "
+        "windows measured.",
+        "- Each held long-poll used `asyncio.wait_for`, a task, a cancellation and an exception per poll: now "
+        "one timer that sets the same event a change sets (`Assignments.wait`), fewer live objects per poll.",
+        "- The cold start queued: 2,000 devices booting in 20 s each need a credential lookup, a serial read, "
+        "a document build and a first report; queued behind each other the slowest first report took 5-15 s "
+        "here (18.5 s on the quiet machine) and some timed out. Now the fleet sheds first-contact work "
+        "(`fleet/admission.py`) while 40 units of database work are open, or while a herd of first contacts "
+        "arrives (20 a second or more) and its event loop runs over 100 ms behind, and reports while 1,000 "
+        "are queued, with 503 and a Retry-After drawn from 1-10 s: devices come back spread over a report "
+        "period, and requests that need no database (cached credential, known serial) are never shed. On "
+        "SQLite the warm-up max fell to 0.7-1.1 s; on PostgreSQL the pool bound never tripped (11-14 s "
+        "warm-up: the queue was the CPU-starved event loop, not the pool), hence the loop-lag condition.",
+        "- PostgreSQL: `pool_pre_ping` cost a round trip and ~9% of the fleet's busy CPU (py-spy: "
+        "`_async_ping`) on every unit of work; removed (a dead connection fails once and SQLAlchemy then "
+        "invalidates the pool). Sampled pg_stat_activity shows the fleet's sessions almost always 'idle in "
+        "transaction, ClientRead' (waiting for the fleet's next statement), rarely on WALSync, and 1-3 "
+        "checkpoints per run requested by other users of the shared server: what remains of the PostgreSQL "
+        "tail here is the fleet process waiting for a CPU, which this machine's load explains.",
+        "- Undelivered changes: a change now counts as delivered when the device sees a serial at least as new "
+        "(a device re-assigned twice in a few seconds legitimately skips the middle serial, which the old "
+        "exact-serial count called lost); with stalls gone every change was delivered in every run below.",
+        "- Not fixed, seen on SQLite: with the loop free (no stall warning), some report batches still took "
+        "100-400 ms in the writer's thread, a few times a minute (the fleet's 'report batch ... took' "
+        "warnings), which is what is left of the SQLite tail here. The likely cause is SQLite's automatic WAL "
+        "checkpoint, which runs inside the commit that crosses 1,000 pages and syncs the file while the "
+        "machine's disk is shared with six test suites; not verified, so not changed. The candidate fix: "
+        "PASSIVE checkpoints from a separate connection every second, the writer's automatic one kept as a "
+        "backstop at a higher threshold.",
+        "- Evidence tools kept: the fleet logs each event-loop stall over 100 ms with the collector's share, "
+        "each report batch over 100 ms with its queue, and its collections at exit; the bench prints them.",
         "",
         NOTE,
         "",
@@ -436,16 +618,22 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=2, help="client processes")
     ap.add_argument("--changes-per-s", type=float, default=5.0)
     ap.add_argument("--backend", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
+    ap.add_argument("--runs", type=int, default=1, help="consecutive runs of each backend (the target: 3)")
     ap.add_argument("--write-readme", action="store_true", help="replace the Fleet section of bench/README.md")
     args = ap.parse_args()
     _raise_fd_limit()
     load = f"load average {os.getloadavg()[0]:.1f} at start"
     rows = []
-    for backend in args.backend:
-        row = run_backend(backend, args.devices, args.duration_s, args.clients, args.changes_per_s)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    for run in range(1, args.runs + 1):
+        for backend in args.backend:
+            row = run_backend(backend, args.devices, args.duration_s, args.clients, args.changes_per_s)
+            row["run"] = run
+            row["load_average_after"] = round(os.getloadavg()[0], 1)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     print(table(rows))
+    for line in verdicts(rows):
+        print(line)
     if args.write_readme:
         write_readme(rows, sys.argv[1:], load)
 

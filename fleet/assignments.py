@@ -228,6 +228,10 @@ class Assignments:
         self.notifier.remember(device_id, serial)
         return serial
 
+    def knows(self, device_id: str) -> bool:
+        """Whether this process has served the device before (its serial or document is cached)."""
+        return device_id in self._cache or self.notifier.known_serial(device_id) is not None
+
     def forget(self, device_id: str) -> None:
         """The device is gone: drop what this process remembers of it."""
         self.notifier.forget(device_id)
@@ -241,15 +245,27 @@ class Assignments:
         of coming back in one herd every period. In the steady state (serial
         remembered, document cached) a long-poll costs no database query.
         """
-        deadline = asyncio.get_running_loop().time() + wait_s * random.uniform(0.75, 1.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s * random.uniform(0.75, 1.0)
         known = -1 if known_serial is None else known_serial
         with self.notifier.subscribe(device_id, known) as changed:
-            while True:
-                changed.clear()  # before reading: a change made meanwhile must still wake us
-                serial = await self.current_serial(device_id)
-                remaining = deadline - asyncio.get_running_loop().time()
-                if serial != known or remaining <= 0 or self.notifier.closing:
-                    break
-                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), remaining)
+            # The deadline sets the same event a change sets: no task, no cancellation and no
+            # exception per held poll (asyncio.wait_for made all three), which thousands of
+            # held polls would otherwise keep alive for the garbage collector to walk.
+            expired: list[bool] = []  # set by the timer itself: asyncio may run it a tick early
+
+            def expire() -> None:
+                expired.append(True)
+                changed.set()
+
+            timer = loop.call_at(deadline, expire)
+            try:
+                while True:
+                    changed.clear()  # before reading: a change made meanwhile must still wake us
+                    serial = await self.current_serial(device_id)
+                    if serial != known or expired or self.notifier.closing:
+                        break
+                    await changed.wait()
+            finally:
+                timer.cancel()
         return await self.document(device_id, serial)

@@ -66,6 +66,8 @@ class BlobStore(Protocol):
 
     def scratch_dir(self) -> pathlib.Path: ...
 
+    def digests(self, older_than: float) -> list[str]: ...
+
 
 class LocalBlobStore:
     """Blobs as files under `root/sha256/ab/abcd...`; temporaries under `root/tmp`."""
@@ -107,6 +109,17 @@ class LocalBlobStore:
     def delete(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()
+
+    def digests(self, older_than: float) -> list[str]:
+        """Digests of the stored blobs last modified before `older_than` (epoch seconds)."""
+        out = []
+        for entry in self._objects.glob("??/*"):
+            try:
+                if _DIGEST.match(entry.name) and entry.lstat().st_mtime < older_than:
+                    out.append(entry.name)
+            except FileNotFoundError:
+                continue
+        return out
 
     def sweep_temporaries(self, older_than_s: float = 24 * 3600) -> int:
         """Remove uploads and staging left by crashed processes; returns how many."""

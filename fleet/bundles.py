@@ -88,8 +88,35 @@ class BundleStore:
             existing = await self._find(row.name, row.version)
             if existing is None:
                 raise
+            if existing.archive_sha256 != archive_sha256:
+                # Lost a race: our blob was committed for a row that will never exist. Only a
+                # row of this same name@version could name these bytes, and that row is the
+                # winner's, so nothing can come to reference the blob later.
+                await self._collect_if_unreferenced(archive_sha256)
             return self._same_or_conflict(existing, verified), False
         return bundle_view(row), True
+
+    async def _collect_if_unreferenced(self, archive_sha256: str) -> None:
+        async with self.db.read() as s:
+            used = (await s.execute(select(Bundle.id).where(Bundle.archive_sha256 == archive_sha256)
+                                    .limit(1))).first()
+        if used is None:
+            await asyncio.to_thread(self.blobs.delete, archive_sha256)
+
+    async def collect_garbage(self, older_than_s: float = 3600.0) -> int:
+        """Delete blobs no bundle row references (a process that died between committing the
+        blob and inserting its row); returns how many. Young blobs are left alone: they may
+        belong to a push whose row is being inserted right now."""
+        candidates = await asyncio.to_thread(self.blobs.digests, time.time() - older_than_s)
+        if not candidates:
+            return 0
+        async with self.db.read() as s:
+            referenced = set((await s.execute(select(Bundle.archive_sha256)
+                                              .where(Bundle.archive_sha256.in_(candidates)))).scalars())
+        garbage = [d for d in candidates if d not in referenced]
+        for digest in garbage:
+            await asyncio.to_thread(self.blobs.delete, digest)
+        return len(garbage)
 
     async def _verify(self, archive: pathlib.Path) -> VerifiedBundle:
         if not self.trust:

@@ -179,6 +179,15 @@ def _seconds(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+@token_group.command("revoke")
+@client_options
+@click.argument("token_id")
+def token_revoke(client: Any, as_json: bool, token_id: str) -> None:
+    """Revoke an operator token by its id (as printed by `token create`); refused at once everywhere."""
+    out = client.request("DELETE", f"/api/v1/tokens/{_q(token_id)}")
+    _emit(out, as_json, lambda: click.echo(f"revoked token {out['revoked']}"))
+
+
 @fleet_group.group("enroll-token")
 def enroll_token_group() -> None:
     """Enrollment tokens for new devices."""

@@ -56,6 +56,8 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     data_dir: pathlib.Path
+    #: SQLAlchemy URL of the database; the plain forms people type are accepted and given their
+    #: async driver on construction, and empty means the SQLite file under `data_dir`.
     db_url: str = ""
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -79,9 +81,9 @@ class ServerConfig:
     tls_cert: pathlib.Path | None = None
     tls_key: pathlib.Path | None = None
 
-    @property
-    def database_url(self) -> str:
-        return normalise_db_url(self.db_url) if self.db_url else default_db_url(self.data_dir)
+    def __post_init__(self) -> None:
+        url = normalise_db_url(self.db_url) if self.db_url else default_db_url(self.data_dir)
+        object.__setattr__(self, "db_url", url)  # frozen: the one normalised spelling, set once
 
     @property
     def blob_dir(self) -> pathlib.Path:

@@ -62,6 +62,21 @@ class DeviceRegistry:
                               expires_at=now + ttl_s, labels=clean, created_by=created_by, created_at=now))
         return {"id": token_id, "token": secret, "uses": uses, "expires_at": now + ttl_s, "labels": clean}
 
+    async def check_enroll_token(self, enroll_secret: str) -> None:
+        """Refuse an unknown, spent or expired enrollment token before its request's body is read.
+
+        Only a read: the use is spent by `enroll`'s conditional UPDATE, which
+        settles races; this keeps anonymous clients away from body parsing.
+        """
+        if not enroll_secret.startswith(ENROLL_PREFIX):
+            raise Unauthenticated("enrollment needs an enrollment token")
+        async with self.db.read() as s:
+            usable = (await s.execute(select(EnrollToken.id).where(
+                EnrollToken.token_hash == hash_secret(enroll_secret), EnrollToken.uses_left > 0,
+                EnrollToken.expires_at > time.time()))).first()
+        if usable is None:
+            raise Unauthenticated("enrollment token unknown, used up or expired")
+
     async def enroll(self, enroll_secret: str, name: str, labels: Mapping[str, Any]) -> dict[str, Any]:
         if not enroll_secret.startswith(ENROLL_PREFIX):
             raise Unauthenticated("enrollment needs an enrollment token")

@@ -1,7 +1,7 @@
 """Typed errors of the fleet server.
 
 Domain code raises these and never thinks about HTTP; the API's one error
-middleware maps each class to its status (``api/errors.py``), and the CLI prints
+middleware maps each class to its status (``fleet/api/common.py``), and the CLI prints
 the message. The tree, grouped by what went wrong::
 
     FleetError                    root; .message
@@ -13,6 +13,7 @@ the message. The tree, grouped by what went wrong::
     ├── Gone                      revoked bundle asked for by a device   (410)
     ├── TooLarge                  body over the limit                    (413)
     ├── RateLimited               enrollment attempts; .retry_after_s    (429)
+    ├── Busy                      shedding load; .retry_after_s          (503)
     ├── BundleRejected            failed verification; .reason           (422)
     └── ClientError               the CLI's view of a failed request; .status
 """
@@ -62,6 +63,15 @@ class RateLimited(FleetError):
     def __init__(self, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s
         super().__init__(f"too many attempts; retry after {retry_after_s:.0f} s")
+
+
+class Busy(FleetError):
+    """The fleet is shedding load (a cold-start herd): come back after `retry_after_s`, jittered
+    per request so that the devices told together do not return together."""
+
+    def __init__(self, retry_after_s: float, what: str) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"fleet busy ({what}); retry after {retry_after_s:.0f} s")
 
 
 class BundleRejected(FleetError):

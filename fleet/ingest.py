@@ -19,30 +19,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from typing import Any
 
 from sqlalchemy import insert, select, update
 
 from .db import Database, Device, TelemetryPoint
-from .errors import NotFound
+from .errors import Busy, NotFound
 from .reports import Reports
 
 log = logging.getLogger(__name__)
+#: A batch slower than this is logged: every report in it, and every one queued behind it, waited.
+SLOW_BATCH_MS = 100.0
 _Item = tuple[str, dict[str, Any], "asyncio.Future[tuple[int, bool]]"]
 
 
 class ReportBatcher:
-    def __init__(self, db: Database, reports: Reports, max_batch: int = 500) -> None:
+    def __init__(self, db: Database, reports: Reports, max_batch: int = 500, max_pending: int = 1000,
+                 spread_s: float = 10.0) -> None:
         self.db = db
         self.reports = reports
         self.max_batch = max_batch
+        #: Beyond this many queued reports, new ones are refused with a jittered Retry-After
+        #: (`fleet.admission`): the device keeps its report and sends it later.
+        self.max_pending = max_pending
+        self.spread_s = spread_s
         self._pending: list[_Item] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def submit(self, device_id: str, report: dict[str, Any]) -> tuple[int, bool]:
         """Queue one report; returns (points stored, serial bumped) after its batch commits."""
+        if len(self._pending) >= self.max_pending:
+            raise Busy(random.uniform(1.0, self.spread_s), f"{len(self._pending)} reports queued")
         fut: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
         self._pending.append((device_id, report, fut))
         self._wake.set()
@@ -66,11 +76,16 @@ class ReportBatcher:
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+                started = time.perf_counter()
                 try:
                     await self._write(batch)
                 except Exception as e:
                     log.info("report batch of %d failed (%s); storing one by one", len(batch), e)
                     await self._one_by_one(batch)
+                took_ms = (time.perf_counter() - started) * 1000
+                if took_ms >= SLOW_BATCH_MS:
+                    log.warning("report batch of %d took %.0f ms (%d more queued meanwhile)", len(batch), took_ms,
+                                len(self._pending))
 
     async def _write(self, batch: list[_Item]) -> None:
         now = time.time()

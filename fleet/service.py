@@ -19,6 +19,7 @@ from sqlalchemy import delete
 import bundle
 from runtime import Backoff, Poller
 
+from .admission import Admission
 from .assignments import Assignments, ChangeNotifier
 from .auth import AttemptLimiter, PrincipalCache
 from .blobs import LocalBlobStore
@@ -29,6 +30,7 @@ from .devices import DeviceRegistry
 from .ingest import ReportBatcher
 from .reports import Reports
 from .signing import Signer, load_or_create
+from .stalls import StallWatch
 from .watch import watch
 
 log = logging.getLogger(__name__)
@@ -45,9 +47,11 @@ class Fleet:
     assignments: Assignments
     notifier: ChangeNotifier
     reports: Reports
-    batcher: ReportBatcher
+    report_batcher: ReportBatcher
     enroll_limiter: AttemptLimiter
     principals: PrincipalCache
+    admission: Admission
+    stall_watch: StallWatch
 
     @classmethod
     async def open(cls, config: ServerConfig) -> Fleet:
@@ -55,21 +59,23 @@ class Fleet:
         trust = bundle.anchors(config.trusted_key_paths())
         signer = load_or_create(config.key_dir)
         blobs = LocalBlobStore(config.blob_dir)
-        db = await open_database(config.database_url)
+        db = await open_database(config.db_url)
         notifier = ChangeNotifier(db, config.change_poll_s)
         reports = Reports(db, config.retention)
+        stall_watch = StallWatch()
         return cls(
             config=config, db=db, blobs=blobs, signer=signer,
             bundles=BundleStore(db, blobs, trust, max_unpacked_bytes=2 * config.max_bundle_bytes),
             devices=DeviceRegistry(db),
             assignments=Assignments(db, signer, notifier, config.assignment_ttl_s),
-            notifier=notifier, reports=reports, batcher=ReportBatcher(db, reports),
+            notifier=notifier, reports=reports, report_batcher=ReportBatcher(db, reports),
             enroll_limiter=AttemptLimiter(config.enroll_attempts_per_minute),
-            principals=PrincipalCache(config.credential_cache_s),
+            principals=PrincipalCache(config.credential_cache_s), admission=Admission(db, stall_watch),
+            stall_watch=stall_watch,
         )
 
     async def close(self) -> None:
-        await self.batcher.close()
+        await self.report_batcher.close()
         await self.db.close()
 
     async def maintain_once(self) -> None:
@@ -77,9 +83,10 @@ class Fleet:
             await s.execute(delete(Revocation).where(Revocation.at < time.time() - 2 * self.config.credential_cache_s))
         folded, dropped = await self.reports.maintain()
         swept = await asyncio.to_thread(self.blobs.sweep_temporaries)
-        if folded or dropped or swept:
-            log.info("retention: folded %d raw points, dropped %d old points, swept %d temporaries",
-                     folded, dropped, swept)
+        collected = await self.bundles.collect_garbage()
+        if folded or dropped or swept or collected:
+            log.info("retention: folded %d raw points, dropped %d old points, swept %d temporaries, "
+                     "collected %d unreferenced blobs", folded, dropped, swept, collected)
 
     async def _maintenance_loop(self) -> None:
         period_s = self.config.retention.maintenance_interval_s
@@ -90,7 +97,8 @@ class Fleet:
     async def run_background(self) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(watch(self.db, self.assignments, self.principals, self.config.change_poll_s),
                                      name="fleet-watch"),
-                 asyncio.create_task(self._maintenance_loop(), name="fleet-retention")]
+                 asyncio.create_task(self._maintenance_loop(), name="fleet-retention"),
+                 asyncio.create_task(self.stall_watch.run(), name="fleet-stall-watch")]
         try:
             yield
         finally:

@@ -19,9 +19,10 @@ from typing import Any
 from aiohttp import web
 from jsonschema.exceptions import best_match
 
-from ..auth import Principal, authenticate, bearer
+from ..auth import DEVICE_PREFIX, Principal, authenticate, bearer, hash_secret
 from ..errors import (
     BundleRejected,
+    Busy,
     Conflict,
     FleetError,
     Forbidden,
@@ -40,7 +41,7 @@ FLEET = web.AppKey("fleet", Fleet)
 
 STATUS: dict[type[FleetError], int] = {
     InvalidRequest: 400, Unauthenticated: 401, Forbidden: 403, NotFound: 404, Conflict: 409, Gone: 410,
-    TooLarge: 413, BundleRejected: 422, RateLimited: 429,
+    TooLarge: 413, BundleRejected: 422, RateLimited: 429, Busy: 503,
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -78,17 +79,31 @@ def _storable(text: str) -> bool:
     return True
 
 
-def _check_strings(value: Any, depth: int = 0) -> None:
-    if isinstance(value, str):
-        if not _storable(value):
-            raise InvalidRequest("text with NUL characters or invalid Unicode")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_strings(k, depth + 1)
-            _check_strings(v, depth + 1)
-    elif isinstance(value, list):
-        for v in value:
-            _check_strings(v, depth + 1)
+#: Deepest JSON nesting accepted. Every published body is a few levels deep; jsonschema and the
+#: string check recurse once per level, so a bound far below the interpreter's recursion limit
+#: turns a hostile ~1,000-deep body into a 400 instead of a RecursionError (500).
+MAX_JSON_DEPTH = 32
+
+
+def _check_structure(value: Any) -> None:
+    """Refuse over-deep nesting and text PostgreSQL cannot store; iterative, so depth costs no stack."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not _storable(item):
+                raise InvalidRequest("text with NUL characters or invalid Unicode")
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise InvalidRequest(f"body nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            for k, v in item.items():
+                stack.append((k, depth + 1))
+                stack.append((v, depth + 1))
+        else:
+            stack.extend((v, depth + 1) for v in item)
 
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -101,7 +116,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers: dict[str, str] = {}
         if status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="outpost-fleet"'
-        if isinstance(e, RateLimited):
+        if isinstance(e, (RateLimited, Busy)):
             headers["Retry-After"] = str(math.ceil(e.retry_after_s))
         return error_response(status, e.message, headers)
     except web.HTTPException as e:
@@ -122,29 +137,47 @@ def fleet(request: web.Request) -> Fleet:
 
 async def principal(request: web.Request) -> Principal:
     f = fleet(request)
-    return await authenticate(f.db, bearer(request.headers.get("Authorization")), f.principals)
+    token = bearer(request.headers.get("Authorization"))
+    if token.startswith(DEVICE_PREFIX) and f.principals.get(hash_secret(token)) is None:
+        f.admission.admit_cold("device credential check")  # a booting herd is spread, not queued
+    return await authenticate(f.db, token, f.principals)
 
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json(request: web.Request, schema: str) -> dict[str, Any]:
-    """Parse and validate a JSON body against a published schema; an empty body is {}."""
-    limit = fleet(request).config.max_json_body_bytes
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, up to `limit` bytes (TooLarge beyond), however many TCP segments it came in.
+
+    `StreamReader.read(n)` answers with what has arrived so far, so one call would
+    cut a body that a slow link delivers in several writes.
+    """
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(limit)
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise TooLarge(limit)
+    body = bytearray()
+    while True:
+        chunk = await request.content.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(limit)
+
+
+async def read_json(request: web.Request, schema: str) -> dict[str, Any]:
+    """Parse and validate a JSON body against a published schema; an empty body is {}."""
+    raw = await read_body(request, fleet(request).config.max_json_body_bytes)
     if not raw.strip():
         data: Any = {}
     else:
         try:
             data = json.loads(raw, parse_constant=_no_constants)
-        except (ValueError, RecursionError) as e:
+        except RecursionError:
+            raise InvalidRequest(f"body nested deeper than {MAX_JSON_DEPTH} levels") from None
+        except ValueError as e:
             raise InvalidRequest(f"body is not valid JSON: {str(e)[:200]}") from None
-    _check_strings(data)
+    _check_structure(data)
     error = best_match(validator(schema).iter_errors(data))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "body"

@@ -84,6 +84,7 @@ async def enroll(request: web.Request) -> web.Response:
     f = fleet(request)
     f.enroll_limiter.hit(request.remote or "unknown")
     secret = bearer(request.headers.get("Authorization"))
+    await f.devices.check_enroll_token(secret)  # credentials before the body: anonymous input stays unparsed
     body = await read_json(request, "Enroll")
     out = await f.devices.enroll(secret, body.get("name", ""), body.get("labels", {}))
     return web.json_response(out, status=201)
@@ -129,6 +130,8 @@ async def get_assignment(request: web.Request) -> web.Response:
     f = fleet(request)
     serial = query_number(request, "serial", 0, 2**62, integer=True)
     wait_s = query_number(request, "wait_s", 0, f.config.long_poll_max_s)
+    if not f.assignments.knows(device_id):
+        f.admission.admit_cold("first assignment read")
     if serial is None:
         return web.json_response(await f.assignments.document(device_id))
     doc = await f.assignments.wait(device_id, int(serial),
@@ -151,7 +154,7 @@ async def post_report(request: web.Request) -> web.Response:
     authorize_device_self(await principal(request), device_id)
     body = await read_json(request, "Report")
     f = fleet(request)
-    points, bumped = await f.batcher.submit(device_id, body)
+    points, bumped = await f.report_batcher.submit(device_id, body)
     if bumped:
         f.notifier.notify([device_id])
     return web.json_response({"accepted": True, "points": points}, status=202)

@@ -50,7 +50,8 @@ _ERR = {code: {"description": text, "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/Error"}}}} for code, text in (
     ("400", "malformed input"), ("401", "no or bad credential"), ("403", "not allowed"),
     ("404", "not found"), ("409", "conflict"), ("410", "revoked"), ("413", "body too large"),
-    ("422", "bundle refused"), ("429", "rate limited"))}
+    ("422", "bundle refused"), ("429", "rate limited"),
+    ("503", "busy: a device's first contact or report refused under load; retry after the Retry-After header"))}
 
 
 def _op(summary: str, ok: str = "200", *, body: str | None = None, params: list[dict[str, Any]] | None = None,
@@ -112,12 +113,13 @@ DOCUMENT: dict[str, Any] = {
             "parameters": [_DEV],
             "get": _op("Signed assignment document; long-poll with serial and wait_s", params=[
                 _query("serial", {"type": "integer", "minimum": 0, "maximum": 2**62}),
-                _query("wait_s", {"type": "number", "minimum": 0, "maximum": 60})]),
+                _query("wait_s", {"type": "number", "minimum": 0, "maximum": 60})],
+                errors=("400", "401", "403", "404", "503")),
             "put": _op("Set the device's bundles", body="AssignmentSet", errors=_RW),
         },
         "/api/v1/devices/{device_id}/reports": {"parameters": [_DEV], "post": _op(
             "Post a heartbeat with telemetry (device only)", "202", body="Report",
-            errors=("400", "401", "403", "404", "413"))},
+            errors=("400", "401", "403", "404", "413", "503"))},
         "/api/v1/devices/{device_id}/telemetry": {"parameters": [_DEV], "get": _op("Telemetry series", params=[
             _query("since", {"type": "number", "minimum": 0, "maximum": 1e11}),
             _query("until", {"type": "number", "minimum": 0, "maximum": 1e11}),

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import pathlib
+import time
+from typing import Any
 
 import aiohttp
+import pytest
 from sqlalchemy import func, select
 
 from fleet.db import Bundle
@@ -149,3 +154,46 @@ async def test_revoke_tells_devices_that_report_running_it(api: Harness, make_bu
     assert r.body["devices_told"] == 1
     doc = (await api.call("GET", f"/api/v1/devices/{device}/assignment", cred)).body["document"]
     assert doc["serial"] == 1 and doc["bundles"] == [] and doc["revoked"] == ["demo@1.0.0"]
+
+
+async def test_a_push_that_loses_a_race_leaves_no_blob(api: Harness, make_bundle: MakeBundle,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two different contents for one version, verified side by side: both pass the "exists?" check,
+    both commit their blob, one row wins; the loser's blob must go."""
+    store = api.fleet.bundles
+    verify = store._verify
+    both_verified = asyncio.Barrier(2)
+
+    async def verify_then_meet(archive: pathlib.Path) -> Any:
+        verified = await verify(archive)
+        await both_verified.wait()  # neither looks for an existing row before both are verified
+        return verified
+
+    monkeypatch.setattr(store, "_verify", verify_then_meet)
+    x = api.pack(make_bundle("mlp", name="race", version="1.0.0")).read_bytes()
+    y = api.pack(make_bundle("cnn", name="race", version="1.0.0")).read_bytes()
+    first, second = await asyncio.gather(api.call("POST", "/api/v1/bundles", api.admin, data=x),
+                                         api.call("POST", "/api/v1/bundles", api.admin, data=y))
+    assert sorted([first.status, second.status]) == [201, 409], (first.body, second.body)
+    winner = first if first.status == 201 else second
+    assert [p.name for p in _blob_files(api)] == [winner.body["archive_sha256"]]
+    assert await _bundle_rows(api) == 1 and _leftovers(api) == []
+
+
+async def test_maintenance_collects_old_unreferenced_blobs_only(api: Harness, make_bundle: MakeBundle) -> None:
+    kept = await api.push(make_bundle("mlp", name="demo", version="1.0.0"))
+    blobs = api.fleet.blobs
+    strays = []
+    for content in (b"left by a process that died before its row", b"a push in progress"):
+        upload = blobs.begin_upload()
+        upload.write(content)
+        digest = upload.finish()
+        blobs.commit(upload, digest)
+        strays.append(digest)
+    old = time.time() - 2 * 3600
+    for path in [blobs.path(strays[0]), blobs.path(kept.body["archive_sha256"])]:
+        os.utime(path, (old, old))
+    await api.fleet.maintain_once()
+    assert sorted(p.name for p in _blob_files(api)) == sorted([kept.body["archive_sha256"], strays[1]])
+    r = await api.call("GET", "/api/v1/bundles/demo/1.0.0/archive", api.admin)
+    assert r.status == 200 and hashlib.sha256(r.raw).hexdigest() == kept.body["archive_sha256"]

@@ -31,7 +31,8 @@ def test_cli_end_to_end(tmp_path: pathlib.Path, make_bundle: MakeBundle,
     assert "created" in first.stdout and stat.S_IMODE(key.stat().st_mode) == 0o600
     assert "kept existing" in outpost("fleet", "keys", "init", "--data", str(data)).stdout
     admin = outpost("fleet", "token", "create", "--data", str(data), "--role", "admin").stdout.splitlines()[-1]
-    viewer = outpost("fleet", "token", "create", "--data", str(data), "--role", "viewer").stdout.splitlines()[-1]
+    made = outpost("fleet", "token", "create", "--data", str(data), "--role", "viewer")
+    viewer, viewer_id = made.stdout.splitlines()[-1], made.stderr.split("viewer token ")[1].split()[0]
     assert admin.startswith("otk_") and viewer.startswith("otk_")
 
     with fleet_server(data, None, [keypair[1]]) as server:
@@ -82,3 +83,10 @@ def test_cli_end_to_end(tmp_path: pathlib.Path, make_bundle: MakeBundle,
         anonymous = outpost("fleet", "bundles", "--url", server.url, "--token", "otk_wrong", env=clean_env,
                             check=False)
         assert anonymous.returncode == 1 and "HTTP 401" in anonymous.stderr and "Traceback" not in anonymous.stderr
+
+        # an admin revokes the viewer's token by its id: refused at once, and a second revoke is a 404
+        assert f"revoked token {viewer_id}" in outpost("fleet", "token", "revoke", viewer_id, env=env).stdout
+        revoked = outpost("fleet", "bundles", env=viewer_env, check=False)
+        assert revoked.returncode == 1 and "HTTP 401" in revoked.stderr
+        twice = outpost("fleet", "token", "revoke", viewer_id, "--json", env=env, check=False)
+        assert twice.returncode == 1 and "HTTP 404" in twice.stderr
