@@ -43,6 +43,8 @@ class FleetProxy:
     #: hold long-polls (``serial=`` in the query) for this long before forwarding them
     hold_long_polls_s: float = 0.0
     seen: list[Seen] = field(default_factory=list)
+    #: long-polls that reached the hold (the agent is waiting on one)
+    held: int = 0
     archive_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     @property
@@ -75,6 +77,7 @@ class FleetProxy:
             return web.json_response({"error": "busy (test proxy)"}, status=503,
                                      headers={"Retry-After": self.retry_after})
         if self.hold_long_polls_s and route == "assignment" and "serial" in request.query:
+            self.held += 1
             await asyncio.sleep(self.hold_long_polls_s)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         assert self._session is not None
