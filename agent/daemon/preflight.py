@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from contract import BundleConstraints
 from engines import HardwareInfo
+from engines.probe import parse_cc
 
 from .errors import UpdateRefused
 
@@ -22,17 +23,14 @@ from .errors import UpdateRefused
 DEFAULT_ENGINES = ("tensorrt", "cuda", "cpu")
 
 
-def _cc(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in text.split("."))
-    except ValueError:
-        return (0,)
-
-
 def _gpu(need_cc: str | None, hw: HardwareInfo) -> str | None:
     if hw.gpu is None:
         return "no NVIDIA GPU"
-    if need_cc and _cc(hw.gpu.compute_capability or "0") < _cc(need_cc):
+    try:
+        too_old = bool(need_cc) and hw.gpu.cc_tuple < parse_cc(need_cc or "0")
+    except ValueError:
+        return f"unreadable compute capability {need_cc!r} (bundle) or {hw.gpu.compute_capability!r} (GPU)"
+    if too_old:
         return f"GPU compute capability {hw.gpu.compute_capability} is below the bundle's minimum {need_cc}"
     return None
 

@@ -56,6 +56,7 @@ class SyncCoordinator:
         self._nudged = asyncio.Event()
         #: nudges that cut a wait short (tests and status read it)
         self.nudges = 0
+        self._last_nudge = -1e9
         self.poller = Poller("fleet sync", self.step, 0.0, logger=log,
                              backoff=Backoff(config.sync.retry_base_s, config.sync.retry_max_s))
 
@@ -63,6 +64,10 @@ class SyncCoordinator:
         """The fleet says serial `serial` is out: poll now (ignored when this device already has it)."""
         if self._asked_once and serial <= self.state.serial:
             return
+        now = time.monotonic()
+        if self.poller.failing and now - self._last_nudge < max(1.0, self.config.sync.retry_base_s):
+            return  # while the fleet is failing, a stream of (possibly forged) nudges must not defeat the backoff
+        self._last_nudge = now
         self.nudges += 1
         self._nudged.set()
         self.poller.wake()

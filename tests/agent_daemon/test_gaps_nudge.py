@@ -82,3 +82,12 @@ def test_nudge_delivers_a_rollout_long_before_the_long_poll(tmp_path: pathlib.Pa
     finally:
         fleet.stop()
         broker.stop()
+
+
+def test_only_a_serial_is_read_from_a_nudge() -> None:
+    from agent.mqtt.nudge import parse_nudge
+
+    assert parse_nudge(b'{"serial": 7}') == 7
+    for junk in (b"", b"7", b"[]", b'{"serial": -1}', b'{"serial": 7.0}', b'{"serial": true}', b"\xff",
+                 b'{"serial": 1, "pad": "' + b"x" * 300 + b'"}'):
+        assert parse_nudge(junk) is None, junk
