@@ -7,6 +7,14 @@ The default, `AiohttpTransport`, is a real HTTP client (TLS verified, optional
 CA file, redirects never followed so the credential never leaves the fleet's
 origin); tests may hand in an in-memory fleet instead of patching anything.
 
+Load shedding: a fleet that answers 503 (or 429) with ``Retry-After`` is
+asking this device to come back later, as it does with a cold-start herd
+after a power cut. The client waits as asked (capped at
+`max_retry_after_s`, stretched by up to a quarter at random so a herd stays
+spread, never shortened) and sends the same request again, up to
+`busy_retries` times; then the 503 is raised as `FleetBusy` (retryable:
+callers keep what they hold, e.g. the reporter keeps its reports queued).
+
 Errors: foreign exceptions are translated inside the transport (to
 `FleetUnreachable`), HTTP error statuses here (to `FleetRejected` /
 `AuthFailed`); see `agent.fleet_errors` for the tree.
@@ -15,9 +23,14 @@ Errors: foreign exceptions are translated inside the transport (to
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import logging
+import math
 import pathlib
+import random
 import ssl
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +43,8 @@ if TYPE_CHECKING:
 
     from .credentials import Credential
     from .download import BlobStore, DownloadPolicy
+
+log = logging.getLogger(__name__)
 
 #: Largest JSON answer read from the fleet (an assignment of 64 bundles is about 80 kB).
 MAX_JSON_BYTES = 4 << 20
@@ -141,6 +156,30 @@ class AiohttpTransport:
             self._session = None
 
 
+class FleetBusy(FleetRejected):
+    """The fleet shed this request (503/429) and kept doing so after every wait it asked for."""
+
+    def __init__(self, status: int, message: str, retry_after_s: float) -> None:
+        super().__init__(status, message)
+        self.retry_after_s = retry_after_s
+
+
+def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """The wait a ``Retry-After`` header asks for (delay-seconds or an HTTP-date); None if absent or garbled."""
+    raw = headers.get("retry-after", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        value = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, value) if math.isfinite(value) else None
+
+
 def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
@@ -149,8 +188,13 @@ class FleetClient:
     """One device's view of the fleet API. `credential` is the device's bearer secret."""
 
     def __init__(self, base_url: str, device_id: str, credential: str, transport: Transport | None = None, *,
-                 ca_file: str | pathlib.Path | None = None, timeout_s: float = 30.0) -> None:
+                 ca_file: str | pathlib.Path | None = None, timeout_s: float = 30.0,
+                 busy_retries: int = 5, max_retry_after_s: float = 120.0) -> None:
         self.base_url = base_url.rstrip("/")
+        self.busy_retries = busy_retries
+        self.max_retry_after_s = max_retry_after_s
+        #: requests the fleet shed that were sent again after its Retry-After (for tests and status)
+        self.busy_waits = 0
         self.device_id = device_id
         self._credential = credential
         self._owned = transport is None
@@ -222,13 +266,31 @@ class FleetClient:
     async def get(self, path: str, headers: Mapping[str, str] | None = None,
                   timeout_s: float | None = None) -> HttpResponse:
         """An authenticated GET whose body the caller streams (downloads); error statuses are raised."""
-        resp = await self.transport(HttpRequest("GET", path, {**self._auth(None), **(headers or {})},
-                                                timeout_s=timeout_s or self.timeout_s))
+        resp = await self._send(HttpRequest("GET", path, {**self._auth(None), **(headers or {})},
+                                            timeout_s=timeout_s or self.timeout_s))
         if resp.status >= 400:
             raise _rejection(resp.status, await resp.aread())
         return resp
 
     # --- plumbing ---
+
+    async def _send(self, request: HttpRequest) -> HttpResponse:
+        """One request, sent again after each Retry-After the fleet answers with (see the module notes)."""
+        attempt = 0
+        while True:
+            resp = await self.transport(request)
+            delay = retry_after_s(resp.headers) if resp.status in (429, 503) else None
+            if delay is None:
+                return resp
+            raw = await resp.aread()
+            if attempt >= self.busy_retries or not isinstance(request.body, (bytes, type(None))):
+                raise FleetBusy(resp.status, _rejection(resp.status, raw).reason, delay)
+            wait = min(delay, self.max_retry_after_s) * random.uniform(1.0, 1.25)
+            log.info("fleet busy (HTTP %d on %s %s): retrying in %.1f s as it asked", resp.status,
+                     request.method, request.path.split("?")[0], wait)
+            await asyncio.sleep(wait)
+            attempt += 1
+            self.busy_waits += 1
 
     def _device_path(self) -> str:
         return "/api/v1/devices/" + urllib.parse.quote(self.device_id, safe="")
@@ -245,7 +307,7 @@ class FleetClient:
             data = json.dumps(body, allow_nan=False).encode()
             headers["Content-Type"] = "application/json"
         limit = timeout_s or self.timeout_s
-        resp = await self.transport(HttpRequest(method, path, headers, data, timeout_s=limit))
+        resp = await self._send(HttpRequest(method, path, headers, data, timeout_s=limit))
         try:
             raw = await asyncio.wait_for(resp.aread(), limit)
         except asyncio.TimeoutError as e:

@@ -2,7 +2,10 @@
 
 Every period the reporter builds one report and queues it, then sends what is
 queued, oldest first. While the fleet is unreachable (or answering 5xx/429)
-reports stay queued; past `max_buffer` the oldest is dropped and counted, and
+reports stay queued (a 503 + Retry-After is first waited out and retried by
+the fleet client, see `agent.fleet_client`; if the fleet keeps shedding, the
+report stays queued like any other retryable answer); past `max_buffer` the
+oldest is dropped and counted, and
 the count travels in the next report (`reports_dropped`), so the fleet knows
 its series has a hole rather than seeing a quiet device. A report the fleet
 refuses as malformed is dropped (and counted) instead of blocking the queue

@@ -20,6 +20,7 @@ from .assignment import (
     AssignedBundle,
     Assignment,
     AssignmentState,
+    BundleConstraints,
     build_document,
     bundle_entry,
     canonical_bytes,
@@ -43,7 +44,8 @@ from .report import Event, Health, ModelState, ModelStats, TelemetryWindow, buil
 
 __all__ = [
     "ALGORITHM", "DOCUMENT_FORMAT", "DOCUMENT_TYPE", "AssignedBundle", "Assignment", "AssignmentRejected",
-    "AssignmentState", "BadSignature", "ContractError", "Event", "Expired", "ForeignDevice", "Garbled", "Health",
+    "AssignmentState", "BadSignature", "BundleConstraints", "ContractError", "Event", "Expired", "ForeignDevice",
+    "Garbled", "Health",
     "ModelState", "ModelStats", "Replayed", "ReportInvalid", "TelemetryWindow", "WrongKey", "assignment",
     "build_document", "build_report", "bundle_entry", "canonical_bytes", "errors", "key_id", "report", "seal",
     "validate_report", "verify_assignment", "verify_signature",

@@ -16,7 +16,9 @@ ensure_ascii=False).encode("utf-8")`` of::
      "device_id": "...", "serial": 7,
      "issued_at": 1764400000.0, "expires_at": 1764486400.0,
      "bundles": [{"name", "version", "ref", "release", "digest", "archive_sha256", "size",
-                  "revoked": false, "url": "/api/v1/bundles/NAME/VERSION/archive"}],
+                  "revoked": false, "url": "/api/v1/bundles/NAME/VERSION/archive",
+                  "constraints": {"architectures": ["x86_64"], "min_compute_capability": "7.5",
+                                  "engines": ["tensorrt", "cuda", "cpu"]}}],
      "revoked": ["name@version", ...]}
 
 The serial grows by one with every change of the device's set and with every
@@ -24,6 +26,12 @@ revocation that concerns it, and is never reused; the same serial is re-signed
 with a fresh expiry on every request, so one serial always names one content.
 ``revoked`` lists the revoked bundles the device is assigned or last reported
 installed: it must stop running them.
+
+A bundle's ``constraints`` (optional: documents of older fleets lack it) copy
+the signed manifest's hardware constraints and engine list, so a device can
+refuse a bundle it cannot run *before* downloading it. They are a forecast:
+the manifest inside the verified archive stays the authority and is checked
+again after verification.
 
 Verification follows python-tuf's trusted metadata set: a pure function of
 (envelope, trusted key, trusted state, clock) with no I/O, which checks the
@@ -68,6 +76,19 @@ _NAME = "^[a-z0-9][a-z0-9._-]{0,63}$"
 _VERSION = "^[^@/\\s?#]{1,128}$"
 _REF = "^[^@]{1,128}@[^@]{1,128}$"
 
+_CC = "^[0-9]{1,2}(\\.[0-9]{1,2})?$"
+#: A bundle's hardware and runtime needs, copied from its signed manifest (unknown keys allowed: newer fleets).
+CONSTRAINTS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["architectures"],
+    "properties": {
+        "architectures": {"type": "array", "minItems": 1, "maxItems": 16,
+                          "items": {"type": "string", "minLength": 1, "maxLength": 32}},
+        "min_compute_capability": {"type": ["string", "null"], "pattern": _CC},
+        "engines": {"type": "array", "minItems": 1, "maxItems": 16,
+                    "items": {"type": "string", "minLength": 1, "maxLength": 32}},
+    },
+}
 BUNDLE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["name", "version", "ref", "release", "digest", "archive_sha256", "size", "revoked", "url"],
@@ -81,6 +102,7 @@ BUNDLE_SCHEMA: dict[str, Any] = {
         "size": {"type": "integer", "minimum": 1, "maximum": MAX_BUNDLE_BYTES},
         "revoked": {"type": "boolean"},
         "url": {"type": "string", "maxLength": 512, "pattern": "^/api/v1/bundles/[^?#\\\\]+$"},
+        "constraints": CONSTRAINTS_SCHEMA,
     },
 }
 #: JSON Schema of the signed document (unknown extra fields are allowed: a newer fleet may add some).
@@ -138,11 +160,14 @@ def build_document(device_id: str, serial: int, issued_at: float, expires_at: fl
 
 
 def bundle_entry(name: str, version: str, release: int, digest: str, archive_sha256: str, size: int,
-                 revoked: bool) -> dict[str, Any]:
+                 revoked: bool, constraints: BundleConstraints | None = None) -> dict[str, Any]:
     """One bundle of a document, in its wire form (the URL is derived, never chosen by a caller)."""
-    return {"name": name, "version": version, "ref": f"{name}@{version}", "release": release, "digest": digest,
-            "archive_sha256": archive_sha256, "size": size, "revoked": revoked,
-            "url": f"/api/v1/bundles/{name}/{version}/archive"}
+    entry: dict[str, Any] = {"name": name, "version": version, "ref": f"{name}@{version}", "release": release,
+                             "digest": digest, "archive_sha256": archive_sha256, "size": size, "revoked": revoked,
+                             "url": f"/api/v1/bundles/{name}/{version}/archive"}
+    if constraints is not None:
+        entry["constraints"] = constraints.to_json()
+    return entry
 
 
 def seal(doc: Mapping[str, Any], sign: Callable[[bytes], str], signer_key_id: str) -> dict[str, Any]:
@@ -150,6 +175,33 @@ def seal(doc: Mapping[str, Any], sign: Callable[[bytes], str], signer_key_id: st
     payload = canonical_bytes(doc)
     return {"payload": base64.b64encode(payload).decode(), "signature": sign(payload),
             "key_id": signer_key_id, "algorithm": ALGORITHM, "document": dict(doc)}
+
+
+@dataclass(frozen=True)
+class BundleConstraints:
+    """What a bundle needs of a device: architectures, a GPU's compute capability, engine kinds (any one)."""
+
+    architectures: tuple[str, ...]
+    min_compute_capability: str | None = None
+    #: the manifest's engine kinds in preference order ("tensorrt", "cuda", "cpu"); empty: not stated
+    engines: tuple[str, ...] = ()
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> BundleConstraints | None:
+        """From a manifest's JSON (as the fleet stores it); None when it states no constraints."""
+        c = manifest.get("constraints")
+        if not isinstance(c, Mapping) or not c.get("architectures"):
+            return None
+        engines = (manifest.get("serving") or {}).get("engines") or ()
+        return cls(tuple(str(a) for a in c["architectures"]), c.get("min_compute_capability"),
+                   tuple(str(e) for e in engines))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"architectures": list(self.architectures),
+                               "min_compute_capability": self.min_compute_capability}
+        if self.engines:
+            out["engines"] = list(self.engines)
+        return out
 
 
 @dataclass(frozen=True)
@@ -163,6 +215,8 @@ class AssignedBundle:
     size: int
     url: str
     revoked: bool
+    #: None when the fleet's document does not carry them (older fleets): checked after verification only
+    constraints: BundleConstraints | None = None
 
 
 @dataclass(frozen=True)
@@ -291,7 +345,8 @@ def _typed(doc: dict[str, Any]) -> Assignment:
             raise Garbled(f"assignment {what}: {value!r} is not an integer")
     bundles = tuple(AssignedBundle(name=b["name"], version=b["version"], ref=b["ref"], release=b["release"],
                                    digest=b["digest"], archive_sha256=b["archive_sha256"], size=b["size"],
-                                   url=b["url"], revoked=b["revoked"]) for b in doc["bundles"])
+                                   url=b["url"], revoked=b["revoked"], constraints=_constraints(b))
+                    for b in doc["bundles"])
     for b in bundles:
         if b.ref != f"{b.name}@{b.version}":
             raise Garbled(f"assignment bundle {b.ref[:80]!r}: ref is not name@version")
@@ -302,3 +357,11 @@ def _typed(doc: dict[str, Any]) -> Assignment:
         raise Garbled("assignment expires before it was issued")
     return Assignment(device_id=doc["device_id"], serial=doc["serial"], issued_at=float(doc["issued_at"]),
                       expires_at=float(doc["expires_at"]), bundles=bundles, revoked=tuple(doc["revoked"]))
+
+
+def _constraints(entry: Mapping[str, Any]) -> BundleConstraints | None:
+    c = entry.get("constraints")
+    if c is None:
+        return None
+    return BundleConstraints(tuple(c["architectures"]), c.get("min_compute_capability"),
+                             tuple(c.get("engines") or ()))

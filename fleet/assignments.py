@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 
-from contract.assignment import MAX_BUNDLES, build_document, bundle_entry, seal
+from contract.assignment import MAX_BUNDLES, BundleConstraints, build_document, bundle_entry, seal
 
 from .bundles import parse_ref
 from .db import AssignmentItem, Bundle, Database, Device, DeviceBundle
@@ -214,8 +214,10 @@ class Assignments:
         now = time.time()
         revoked = {f"{b.name}@{b.version}" for b in rows if b.revoked_at is not None}
         revoked.update(f"{n}@{v}" for n, v in installed)
+        # The manifest's constraints travel in the entry so a device can refuse before downloading.
         entries = [bundle_entry(b.name, b.version, b.release, b.digest, b.archive_sha256, b.size,
-                                b.revoked_at is not None) for b in rows]
+                                b.revoked_at is not None, BundleConstraints.from_manifest(b.manifest or {}))
+                   for b in rows]
         doc = build_document(device_id, serial, now, now + self.ttl_s, entries, revoked)
         return seal(doc, self.signer.sign, self.signer.key_id)
 

@@ -17,9 +17,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import filelock
 
@@ -42,6 +42,9 @@ from .report import ReportBuilder
 from .state import AgentState, StateStore
 from .sync import SyncCoordinator
 from .updater import Updater
+
+if TYPE_CHECKING:
+    from ..mqtt.nudge import NudgeListener
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "agent.lock"
@@ -123,6 +126,20 @@ def _mqtt_transport(config: AgentConfig, device_id: str) -> tuple[Transport, ...
     return (mqtt_transport(settings),)
 
 
+def _nudge_listener(config: AgentConfig, device_id: str, on_nudge: Callable[[int], None]) -> NudgeListener | None:
+    """With MQTT configured, the fleet's nudges wake the sync coordinator at once."""
+    m = config.mqtt
+    if not m.url:
+        return None
+    from ..mqtt.nudge import NudgeListener
+    from ..mqtt.settings import MqttSettings
+
+    settings = MqttSettings.from_url(
+        m.url, username=m.username or None, password=m.password or None, ca_path=m.ca_file or None,
+        cert_path=m.cert_file or None, key_path=m.key_file or None, qos=1, device_id=device_id)
+    return NudgeListener(settings, device_id, on_nudge)
+
+
 async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Lifecycle | None = None,
                     transport: HttpTransport | None = None, probe: Probe | None = None,
                     transports: tuple[Transport, ...] = ()) -> bool:
@@ -158,6 +175,9 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Life
                 await asyncio.sleep(config.update.stable_after_s)
                 parts.updater.mark_stable()
 
+            nudges = _nudge_listener(config, credential.device_id, sync.nudge)
+            if nudges is not None:
+                nudges.start()
             tasks = [asyncio.create_task(sync.run(), name="agent-sync"),
                      asyncio.create_task(reporter.run(), name="agent-reports"),
                      asyncio.create_task(stable(), name="agent-stable")]
@@ -169,6 +189,8 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Life
                 for t in tasks:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await t
+                if nudges is not None:
+                    await asyncio.to_thread(nudges.stop)
                 reporter.collect()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(reporter.flush(), 5.0)

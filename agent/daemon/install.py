@@ -29,9 +29,11 @@ from dataclasses import dataclass
 
 import bundle
 from bundle import BundleError, Manifest, VerifiedBundle, fsync_dir
+from contract import BundleConstraints
 from engines import HardwareInfo
 
 from .errors import UpdateRefused
+from .preflight import check_constraints
 from .state import Installed
 
 
@@ -53,25 +55,10 @@ def check_disk(path: pathlib.Path, need_bytes: int, margin_bytes: int) -> None:
 
 
 def check_hardware(manifest: Manifest, hw: HardwareInfo) -> None:
-    """The manifest's constraints against this device: architecture, then GPU compute capability."""
-    archs = manifest.constraints.architectures
-    if hw.arch and hw.arch not in archs:
-        raise UpdateRefused("preflight", f"bundle {manifest.ref} is built for {', '.join(archs)}; "
-                                        f"this device is {hw.arch}")
-    need = manifest.constraints.min_compute_capability
-    cpu_ok = "ort-cpu" in manifest.serving.engines
-    if need and not cpu_ok:
-        have = hw.gpu.compute_capability if hw.gpu else None
-        if have is None or _cc(have) < _cc(need):
-            raise UpdateRefused("preflight", f"bundle {manifest.ref} needs a GPU of compute capability >= {need} "
-                                            f"and has no CPU engine; this device has {have or 'no GPU'}")
-
-
-def _cc(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in text.split("."))
-    except ValueError:
-        return (0,)
+    """The verified manifest's constraints against this device (the same check as before the download)."""
+    c = manifest.constraints
+    check_constraints(manifest.ref, BundleConstraints(c.architectures, c.min_compute_capability,
+                                                      tuple(manifest.serving.engines)), hw)
 
 
 def _make_read_only(root: pathlib.Path) -> None:

@@ -12,14 +12,21 @@ the next one backs off); serving is untouched. An accepted one is persisted
 each bundle is updated independently, and bundles no longer listed stop
 serving. The fleet being unreachable is weather: the Poller backs off with
 full jitter and logs once when it starts failing and once when it recovers.
+
+`nudge(serial)` (the fleet's MQTT wake-up) cuts a held long-poll or a
+backoff short and asks the fleet at once, if the serial is newer than the
+one held; the nudge itself is never trusted: the answer to that poll is
+verified like any other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pathlib
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from contract import AssignedBundle, AssignmentRejected, AssignmentState, verify_assignment
 from runtime import Backoff, Poller
@@ -46,13 +53,48 @@ class SyncCoordinator:
         self.blobs = blobs
         self.clock = clock
         self._asked_once = False
+        self._nudged = asyncio.Event()
+        #: nudges that cut a wait short (tests and status read it)
+        self.nudges = 0
+        self._last_nudge = -1e9
         self.poller = Poller("fleet sync", self.step, 0.0, logger=log,
                              backoff=Backoff(config.sync.retry_base_s, config.sync.retry_max_s))
+
+    def nudge(self, serial: int) -> None:
+        """The fleet says serial `serial` is out: poll now (ignored when this device already has it)."""
+        if self._asked_once and serial <= self.state.serial:
+            return
+        now = time.monotonic()
+        if self.poller.failing and now - self._last_nudge < max(1.0, self.config.sync.retry_base_s):
+            return  # while the fleet is failing, a stream of (possibly forged) nudges must not defeat the backoff
+        self._last_nudge = now
+        self.nudges += 1
+        self._nudged.set()
+        self.poller.wake()
+
+    async def _learn(self, known: int | None) -> dict[str, Any]:
+        """The long-poll, abandoned for an immediate poll if a nudge arrives while it is held."""
+        self._nudged.clear()
+        if known is None:
+            return await self.client.poll_assignment(None, self.config.sync.long_poll_s)
+        poll = asyncio.ensure_future(self.client.poll_assignment(known, self.config.sync.long_poll_s))
+        nudged = asyncio.ensure_future(self._nudged.wait())
+        try:
+            await asyncio.wait({poll, nudged}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            nudged.cancel()
+            if not poll.done():
+                poll.cancel()
+            await asyncio.gather(poll, nudged, return_exceptions=True)
+        if not poll.cancelled():
+            return poll.result()
+        self._nudged.clear()
+        return await self.client.poll_assignment(None, self.config.sync.long_poll_s)
 
     async def step(self) -> None:
         known = self.state.serial if self._asked_once else None
         try:
-            envelope = await self.client.poll_assignment(known, self.config.sync.long_poll_s)
+            envelope = await self._learn(known)
         except Exception as e:
             self._note_error(str(e))
             raise

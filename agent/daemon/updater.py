@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bundle import VerifiedBundle, atomic_writer, sha256_file
-from contract import AssignedBundle, Event
+from contract import AssignedBundle, BundleConstraints, Event
 from engines import EngineCache, HardwareInfo, plan
 
 from ..dataplane import DataPlane, PreparedVersion
@@ -38,6 +38,7 @@ from .errors import UpdateRefused
 from .gate import health_gate
 from .gc import collect
 from .install import Expected, Installer, check_disk
+from .preflight import check_constraints
 from .state import STEPS, AgentState, BundleRecord, Installed, Pending, StateStore
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class Candidate:
     archive_sha256: str
     size: int
     ref: str
+    #: from the signed assignment, checked before downloading (None: only after verification)
+    constraints: BundleConstraints | None = None
 
 
 class Updater:
@@ -88,7 +91,8 @@ class Updater:
 
     async def apply(self, entry: AssignedBundle, fetch: Fetch) -> bool:
         """Take one assigned bundle to serving; True if it serves now (already or after this switch)."""
-        cand = Candidate(entry.name, entry.version, entry.digest, entry.archive_sha256, entry.size, entry.ref)
+        cand = Candidate(entry.name, entry.version, entry.digest, entry.archive_sha256, entry.size, entry.ref,
+                         entry.constraints)
         async with self._lock:
             rec = self.store.load(entry.name)
             if rec.active is not None and rec.active.digest == entry.digest:
@@ -156,6 +160,8 @@ class Updater:
                                                   f"anti-rollback floor {rec.floor}")
                 self.store.step(rec, "installed")
             else:
+                if cand.constraints is not None:  # refuse what cannot run here before fetching a byte of it
+                    check_constraints(cand.ref, cand.constraints, self.hardware)
                 check_disk(self.config.state_dir, 2 * cand.size, self.config.update.disk_margin_bytes)
                 self.store.step(rec, "prechecked")
 

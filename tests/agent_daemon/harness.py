@@ -113,7 +113,9 @@ class Proc:
 
 
 class Fleet:
-    def __init__(self, data_dir: pathlib.Path, trust: pathlib.Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: pathlib.Path, trust: pathlib.Path, port: int | None = None,
+                 extra: Sequence[str] = ()) -> None:
+        self.extra = tuple(extra)
         self.data_dir = data_dir
         self.trust = trust
         self.port = port or free_port()
@@ -123,7 +125,7 @@ class Fleet:
 
     def start(self) -> None:
         self.proc = Proc([*OUTPOST, "fleet", "serve", "--data", str(self.data_dir), "--port", str(self.port),
-                          "--trust", str(self.trust)])
+                          "--trust", str(self.trust), *self.extra])
         self.proc.wait_line("fleet: listening on ")
         if not self.token:
             out = subprocess.run([*OUTPOST, "fleet", "token", "create", "--data", str(self.data_dir), "--role",
