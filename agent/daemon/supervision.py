@@ -64,7 +64,7 @@ class ServiceStatus:
     def sync_started(self) -> None:
         self.heartbeat.beat()
         # A long-poll after a good sync is the agent's idle state, not work in progress.
-        if self._synced and self.state.serial is not None:
+        if self._synced and self.state.serial:
             self.activity = f"in sync with the fleet (assignment serial {self.state.serial})"
         else:
             self.activity = "syncing with the fleet"
@@ -76,7 +76,7 @@ class ServiceStatus:
         if error is not None:
             self.last_error = f"sync: {error}" if str(error) else f"sync: {type(error).__name__}"
             self.activity = "syncing with the fleet (retrying)"
-        elif self.state.serial is not None:
+        elif self.state.serial:
             self.activity = f"in sync with the fleet (assignment serial {self.state.serial})"
         self.refresh()
 
