@@ -10,6 +10,7 @@ VERSION and STEP fields, and at -vv not one line with the device credential.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -24,14 +25,18 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import onnx
 import pytest
 
 from tests.agent_daemon.conftest import Version, make_version
 from tests.agent_daemon.harness import REPO, Agent, Fleet, running
 from tests.models.make_models import mlp
 from tests.systemd.notify_socket import Message, NotifySocket
+from tests.systemd.slow_model import slow_model
+from tests.systemd.test_graceful_stop import _in_flight, _post, _status
 from tests.systemd.test_journal import parse_entry
 
+DRAIN_S = 20.0
 # The CLI as systemd starts it, with its journal handler pointed at the stand-in socket
 # (the product's default is /run/systemd/journal/socket).
 CHILD = """
@@ -198,3 +203,46 @@ def test_agent_speaks_the_notify_protocol_and_stops_cleanly(
         assert credential not in json.dumps(e), e
     assert credential not in output
     assert len(credential) >= 16
+
+
+def test_agent_sigterm_with_50_requests_in_flight(tmp_path: pathlib.Path, keypair: tuple[pathlib.Path, pathlib.Path],
+                                                  notify_socket: NotifySocket) -> None:
+    """The agent's drain: STOPPING, not ready, 503 for new requests, all 50 answered, the last report counts them."""
+    slow = make_version(tmp_path, keypair[0], "slow", "1.0.0",
+                        onnx.load(str(slow_model(tmp_path / "slow-src.onnx", iterations=300_000))))
+    fleet = Fleet(tmp_path / "fleet", keypair[1])
+    fleet.start()
+    agent = Agent(tmp_path / "agent", fleet, keypair[1], sync__report_period_s=3600.0,
+                  server__drain_timeout_s=DRAIN_S)
+    with running(fleet, agent):
+        fleet.push(slow.archive)
+        fleet.assign(agent.device_id, slow.ref)
+        proc = agent.start(env={"NOTIFY_SOCKET": notify_socket.path})
+        wait_status(notify_socket, "serving 1 model(s): slow@1.0.0")
+        body = {"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [0.1] * 16}]}
+        infer = f"{agent.url}/v2/models/slow/infer"
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            futures = [pool.submit(_post, infer, body) for _ in range(50)]
+            deadline = time.monotonic() + 30
+            while _in_flight(agent.url) < 50:
+                assert time.monotonic() < deadline, f"only {_in_flight(agent.url)} of 50 requests in flight"
+                assert not any(f.done() for f in futures), "a request finished before all 50 were in flight"
+                time.sleep(0.01)
+            t_term = time.monotonic()
+            proc.proc.send_signal(signal.SIGTERM)
+            (stopping,) = notify_socket.wait_for("STOPPING", "1", timeout_s=10)
+            assert stopping.fields["STATUS"] == "draining 50 in-flight request(s)", stopping.fields
+            assert _status(f"{agent.url}/v2/health/ready") == 503
+            late_status, _ = _post(infer, body)
+            assert late_status == 503
+            assert not all(f.done() for f in futures), "the drain ended before the checks above ran"
+            results = [f.result(timeout=DRAIN_S + 30) for f in futures]
+        rc = agent.stop()
+        took = time.monotonic() - t_term
+        assert [s for s, _ in results] == [200] * 50
+        assert rc == 0, proc.output
+        assert took < DRAIN_S + 5, took  # the drain plus the last report, inside TimeoutStopSec=
+        assert "outpost agent: stopped\n" in proc.output  # not "(some requests were cut off)"
+        demo = {m["name"]: m for m in (fleet.api("GET", f"/api/v1/devices/{agent.device_id}").get("state") or {})
+                .get("models", [])}["slow"]
+        assert demo["stats"]["requests"] == 50, demo
