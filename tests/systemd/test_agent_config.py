@@ -33,7 +33,7 @@ def render(dest: pathlib.Path, fleet_url: str = FLEET_URL) -> pathlib.Path:
 
 def unit_setting(name: str) -> str:
     (value,) = re.findall(rf"^{name}=(.*)$", (UNITS / "outpost-agent.service").read_text(), re.M)
-    return value.strip()
+    return str(value).strip()
 
 
 def test_template_loads_and_points_where_the_unit_and_enrollment_put_things(tmp_path: pathlib.Path) -> None:

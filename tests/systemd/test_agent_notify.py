@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -114,9 +115,9 @@ def wait_status(ns: NotifySocket, text: str, timeout_s: float = 90) -> Message:
     raise AssertionError(f"no STATUS with {text!r} within {timeout_s} s: {statuses(ns)}")
 
 
-def fleet_model(fleet: Fleet, device_id: str) -> dict[str, object]:
+def fleet_model(fleet: Fleet, device_id: str, name: str = "demo") -> dict[str, Any]:
     state = fleet.api("GET", f"/api/v1/devices/{device_id}").get("state") or {}
-    return {m["name"]: m for m in state.get("models", [])}.get("demo", {})
+    return dict({m["name"]: m for m in state.get("models", [])}.get(name, {}))
 
 
 def test_agent_speaks_the_notify_protocol_and_stops_cleanly(
@@ -189,15 +190,15 @@ def test_agent_speaks_the_notify_protocol_and_stops_cleanly(
         # the last report, sent after the drain: v2 active, the 7 requests counted
         demo = fleet_model(fleet, agent.device_id)
         assert demo.get("active") == "2.0.0" and demo.get("last_known_good") == "1.0.0", demo
-        assert demo["stats"]["requests"] == 7, demo  # type: ignore[index]
+        assert demo["stats"]["requests"] == 7, demo
 
     # The journal: native entries (nothing but the CLI's own lines on stderr), update steps with their fields.
     entries = list(journal.entries)
     assert entries, output
-    steps = {(e.get("MODEL"), e.get("VERSION"), e.get("STEP")) for e in entries}
+    tagged = {(e.get("MODEL"), e.get("VERSION"), e.get("STEP")) for e in entries}
     for step in ("downloaded", "installed", "built", "gated", "switched"):
-        assert ("demo", "2.0.0", step) in steps, sorted(map(str, steps))
-    assert ("demo", "2.0.0", "commit") in steps  # the "switched" event of the update
+        assert ("demo", "2.0.0", step) in tagged, sorted(map(str, tagged))
+    assert ("demo", "2.0.0", "commit") in tagged  # the "switched" event of the update
     assert any(e["PRIORITY"] == "7" for e in entries), "-vv logs debug lines too"
     for e in entries:
         assert credential not in json.dumps(e), e
@@ -243,6 +244,5 @@ def test_agent_sigterm_with_50_requests_in_flight(tmp_path: pathlib.Path, keypai
         assert rc == 0, proc.output
         assert took < DRAIN_S + 5, took  # the drain plus the last report, inside TimeoutStopSec=
         assert "outpost agent: stopped\n" in proc.output  # not "(some requests were cut off)"
-        demo = {m["name"]: m for m in (fleet.api("GET", f"/api/v1/devices/{agent.device_id}").get("state") or {})
-                .get("models", [])}["slow"]
-        assert demo["stats"]["requests"] == 50, demo
+        model = fleet_model(fleet, agent.device_id, "slow")
+        assert model["stats"]["requests"] == 50, model
