@@ -10,7 +10,9 @@ The sync coordinator's self-check is a `Heartbeat` the coordinator's loop
 feeds at every poll and every update step. Its limit is the longest healthy
 silence: the long-poll wait plus the largest backoff while idle, the engine
 build allowance while an update step runs (a TensorRT build legitimately
-takes minutes; one that takes longer than that is wedged). A coordinator
+takes minutes; one that takes longer than that is wedged), hours while a
+download runs (it has its own stall timeouts; a large bundle on a slow link
+is not a wedge). A coordinator
 task that ended (a bug, not weather) fails the check at once.
 
 RELOADING=1 is not sent: a version switch is one pointer move with the old
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 #: slack on top of long-poll + backoff: the HTTP client's own timeouts, a slow fleet answer
 SYNC_SLACK_S = 60.0
 MAX_STATUS_CHARS = 400
+#: the download step's limit: a big bundle over a slow link takes long, and a stalled download fails
+#: by itself (agent.download: per-chunk timeout and minimum rate), so only a hang beyond those is wedged
+DOWNLOAD_ALLOWANCE_S = 6 * 3600.0
 
 
 def sync_idle_limit_s(config: AgentConfig) -> float:
@@ -91,7 +96,8 @@ class ServiceStatus:
                 self.last_error = f"{f.get('ref')} refused at {f.get('step')}: {f.get('reason')}"
         else:
             self.installing = f"installing {record.name}@{p.version} at step {p.step}"
-            self.heartbeat.max_age_s = max(self.idle_limit_s, LOAD_ALLOWANCE_S)
+            allowance = DOWNLOAD_ALLOWANCE_S if p.step == "prechecked" else LOAD_ALLOWANCE_S
+            self.heartbeat.max_age_s = max(self.idle_limit_s, allowance)
         if self.installing is None:
             self.heartbeat.max_age_s = self.idle_limit_s
         self.refresh()
