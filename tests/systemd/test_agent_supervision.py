@@ -4,16 +4,19 @@ and the watchdog stops pinging when the sync coordinator is wedged or has died (
 from __future__ import annotations
 
 import asyncio
+import logging
 import pathlib
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from agent.daemon.agent import register_secrets
 from agent.daemon.config import parse
 from agent.daemon.state import AgentState, BundleRecord, Pending
 from agent.daemon.supervision import ObservedStore, ServiceStatus
 from agent.dataplane import DataPlane
+from runtime.journal import configure_logging
 from runtime.sdnotify import Notifier, Watchdog
 from tests.systemd.notify_socket import NotifySocket
 
@@ -109,3 +112,20 @@ def test_watchdog_stops_pinging_when_the_sync_coordinator_is_wedged_or_dead(
     assert len(pings) >= 3
     lines = [m.fields["STATUS"] for m in notify_socket.with_key("STATUS")]
     assert any(s.startswith("unhealthy: sync coordinator has not progressed") for s in lines), lines
+
+
+def test_the_agents_secrets_are_masked_once_loaded(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """run_agent registers the device credential, the HTTP token and the MQTT password before anything logs."""
+    config = parse({"agent": {"trust": ["k.pub"]}, "server": {"token": "http-token-5d6e7f"},
+                    "mqtt": {"password": "mqtt-pass-8a9b0c"}}, tmp_path)
+    level = logging.getLogger().level
+    handler = configure_logging(logging.INFO, environ={})
+    try:
+        register_secrets(config, "dev-credential-1a2b3c4d")
+        logging.getLogger("agent.test").warning("fleet said no to %s / %s / %s", "dev-credential-1a2b3c4d",
+                                                "http-token-5d6e7f", "mqtt-pass-8a9b0c")
+        err = capsys.readouterr().err
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(level)
+    assert "fleet said no to *** / *** / ***" in err, err
