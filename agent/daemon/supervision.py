@@ -12,8 +12,8 @@ silence: the long-poll wait plus the largest backoff while idle, the engine
 build allowance while an update step runs (a TensorRT build legitimately
 takes minutes; one that takes longer than that is wedged), hours while a
 download runs (it has its own stall timeouts; a large bundle on a slow link
-is not a wedge). A coordinator
-task that ended (a bug, not weather) fails the check at once.
+is not a wedge). A coordinator task that ended (a bug, not weather) fails
+the check at once.
 
 RELOADING=1 is not sent: a version switch is one pointer move with the old
 version serving until it, so the service is never between configurations the
