@@ -2,19 +2,23 @@
 # Install the Outpost agent on a device as a systemd service. Idempotent: run it again to
 # upgrade or repair; what is already right is left alone (an edited agent.toml is never replaced).
 #
-#   sudo systemd/install.sh [--fleet URL --token TOKEN] [--gpu|--cpu] [--dry-run]
+#   sudo systemd/install.sh [--fleet URL --token TOKEN] [--trust PUBLISHER.pub] [--gpu|--cpu] [--dry-run]
 #
 # Steps (each printed as it runs; --dry-run prints them and changes nothing):
 #   1. the system user `outpost`
 #   2. a virtual environment in /opt/outpost/.venv with outpost[gpu] when an NVIDIA GPU is found
 #      (or --gpu), else outpost[cpu]
 #   3. the units in /etc/systemd/system (+ the GPU drop-in on GPU devices)
-#   4. /etc/outpost with a template agent.toml
-#   5. enrollment: outpost agent enroll --fleet URL --token TOKEN (once)
+#   4. /etc/outpost with a template agent.toml (+ the publisher key in /etc/outpost/trusted)
+#   5. enrollment: outpost agent enroll --fleet URL --token TOKEN (once), credential and fleet
+#      key written to /var/lib/outpost/credential.json and fleet-assignment.pub, where agent.toml
+#      expects them
 #   6. systemctl daemon-reload, enable --now outpost-agent.service
 #
 # Options:
 #   --fleet URL --token T  enroll with this fleet (the token is a one-time enrollment token)
+#   --trust FILE           the publisher public key bundles must be signed by
+#                          (installed as /etc/outpost/trusted/publisher.pub, named in agent.toml)
 #   --gpu | --cpu          force the runtime instead of detecting an NVIDIA GPU
 #   --from SPEC            what pip installs (default: this checkout); e.g. a wheel or outpost==0.1.0
 #   --pip-arg ARG          extra pip argument (repeatable), e.g. --pip-arg=--no-index
@@ -30,7 +34,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source_dir="$(cd "$here/.." && pwd)"
 
-root="" dry_run=0 runtime="" fleet_url="" token="" spec="" python=python3 start=1
+root="" dry_run=0 runtime="" fleet_url="" token="" spec="" python=python3 start=1 trust=""
 pip_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -43,6 +47,8 @@ while [ $# -gt 0 ]; do
     --fleet=*) fleet_url="${1#*=}" ;;
     --token) token="${2:?--token needs a value}"; shift ;;
     --token=*) token="${1#*=}" ;;
+    --trust) trust="${2:?--trust needs a public key file}"; shift ;;
+    --trust=*) trust="${1#*=}" ;;
     --from) spec="${2:?--from needs a pip requirement}"; shift ;;
     --from=*) spec="${1#*=}" ;;
     --pip-arg) pip_args+=("${2:?--pip-arg needs a value}"); shift ;;
@@ -201,6 +207,17 @@ else
   fi
   run_host chgrp outpost "$etc/agent.toml"
 fi
+publisher="$etc/trusted/publisher.pub"
+if [ -n "$trust" ]; then
+  if [ "$dry_run" = 0 ] && [ -f "$publisher" ] && cmp -s "$trust" "$publisher"; then
+    echo "    unchanged $publisher"
+  else
+    run install -m 0644 "$trust" "$publisher.tmp"
+    run mv -f "$publisher.tmp" "$publisher"
+  fi
+elif [ ! -e "$publisher" ]; then
+  echo "    NOTE: no publisher key yet: the agent refuses to start until $publisher exists (--trust FILE)"
+fi
 
 # ---------------------------------------------------------------------------------- 5. enrollment
 
@@ -214,7 +231,7 @@ else
   run_host install -d -o outpost -g outpost -m 0700 /var/lib/outpost
   # As the service's user, in its state directory: the credential it writes (0600) is the agent's.
   run_host runuser -u outpost -- env -C /var/lib/outpost HOME=/var/lib/outpost /opt/outpost/.venv/bin/outpost agent enroll \
-    --fleet "$fleet_url" --token "$token"
+    --fleet "$fleet_url" --token "$token" --credential /var/lib/outpost/credential.json
   if [ -z "$root" ] && [ "$dry_run" = 0 ]; then echo "$fleet_url" > "$enrolled"; fi
 fi
 

@@ -7,7 +7,9 @@ import`, on the same directory is refused), loads what is installed before
 listening (each bundle on its own: one that fails to load is reported and
 the others serve), then serves through `agent.commands.serve` with the
 coordinator and reporter as one more transport, so start, drain and stop are
-the same as `outpost serve`'s.
+the same as `outpost serve`'s. That transport is entered first so it exits
+last: after MQTT unsubscribed it waits for the drain, then sends the last
+report while the models (and their metrics) are still loaded.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import filelock
 
 import bundle
 from engines import HardwareInfo, Probe, SystemProbe
+from runtime.journal import register_secret
+from runtime.sdnotify import Notifier
 
 from .. import telemetry
-from ..commands import Lifecycle, Transport, serve
+from ..commands import LOAD_ALLOWANCE_S, Lifecycle, Transport, serve
 from ..credentials import load_credential
 from ..dataplane import DataPlane, _version
 from ..download import BlobStore
@@ -39,7 +43,8 @@ from ..runner import EngineSource
 from .config import AgentConfig
 from .install import Installer
 from .report import ReportBuilder
-from .state import AgentState, StateStore
+from .state import AgentState, BundleRecord, StateStore
+from .supervision import ObservedStore, ServiceStatus
 from .sync import SyncCoordinator
 from .updater import Updater
 
@@ -48,6 +53,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "agent.lock"
+#: the last report's deadline at shutdown (after the drain; TimeoutStopSec= covers both)
+FINAL_FLUSH_S = 5.0
+
+
+class ObservedSync(SyncCoordinator):
+    """The sync coordinator, with each poll reported to the service status (its heartbeat and STATUS= line)."""
+
+    def __init__(self, status: ServiceStatus, *args: Any, **kwargs: Any) -> None:
+        self.service_status = status
+        super().__init__(*args, **kwargs)
+
+    async def step(self) -> None:
+        self.service_status.sync_started()
+        error: BaseException | None = None
+        try:
+            await super().step()
+        except Exception as e:
+            error = e
+            raise
+        finally:
+            self.service_status.sync_ended(error)
+
+
+def register_secrets(config: AgentConfig, secret: str) -> None:
+    """Every secret the agent holds is masked in every log line from here on (runtime.journal)."""
+    for value in (secret, config.http.token, config.mqtt.password):
+        register_secret(value)
 
 
 class AgentBusy(ConfigError):
@@ -82,10 +114,12 @@ class AgentParts:
     hardware: HardwareInfo
 
 
-def assemble(config: AgentConfig, probe: Probe | None = None) -> AgentParts:
+def assemble(config: AgentConfig, probe: Probe | None = None,
+             on_record: Callable[[BundleRecord], None] | None = None) -> AgentParts:
+    """`on_record`: told about every update step as it is written (the daemon's STATUS= line)."""
     probe = probe or SystemProbe()
     hardware = probe.detect()
-    store = StateStore(config.state_dir)
+    store = ObservedStore(config.state_dir, on_record)
     state = store.load_agent()
     dataplane = DataPlane(engines=EngineSource(cache_dir=config.engine_cache_dir, probe=probe),
                           drain_timeout_s=config.http.drain_timeout_s)
@@ -143,16 +177,29 @@ def _nudge_listener(config: AgentConfig, device_id: str, on_nudge: Callable[[int
 async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Lifecycle | None = None,
                     transport: HttpTransport | None = None, probe: Probe | None = None,
                     transports: tuple[Transport, ...] = ()) -> bool:
-    """Run until `stop` is set; True if every in-flight request finished at shutdown."""
+    """Run until `stop` is set; True if every in-flight request finished at shutdown.
+
+    Under systemd (`NOTIFY_SOCKET`): READY=1 once the installed (last-known-good)
+    versions serve, before the first sync (engines for new versions build
+    afterwards); STATUS= on every change of what serves or what the agent does;
+    WATCHDOG=1 only while the loop, the runners and the sync coordinator pass
+    their checks; STOPPING=1 on SIGTERM, then drain, then the last report.
+    """
     started = time.monotonic()
+    notifier = Notifier.from_env()
     with state_lock(config):
         credential = load_credential(config.credential)
+        register_secrets(config, credential.secret)
         try:
             fleet_keys = [config.fleet_key.read_bytes()]
         except OSError as e:
             raise ConfigError(f"trusted fleet key {config.fleet_key} is not readable ({e.strerror or e}); "
                               "`outpost agent enroll` writes it beside the credential") from None
-        parts = await asyncio.to_thread(assemble, config, probe)
+        status_box: list[ServiceStatus] = []
+        parts = await asyncio.to_thread(assemble, config, probe,
+                                        lambda rec: status_box[0].step(rec) if status_box else None)
+        status = ServiceStatus(notifier, parts.dataplane, parts.state, config)
+        status_box.append(status)
         parts.state.pid, parts.state.started_at = os.getpid(), time.time()
         parts.store.save_agent(parts.state)
         client = FleetClient(config.fleet_url or credential.fleet_url, credential.device_id, credential.secret,
@@ -163,9 +210,19 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Life
                                 sampler.sample, {"onnxruntime": hw.onnxruntime_version, "tensorrt": hw.tensorrt_version,
                                                  "cuda": hw.cuda_version, "driver": hw.driver_version,
                                                  "l4t": hw.l4t_release})
-        parts.updater.on_switch = lambda: record_serving(parts)
+
+        def switched() -> None:
+            record_serving(parts)
+            status.refresh()
+
+        parts.updater.on_switch = switched
         reporter = Reporter(client, builder.build, config.sync.report_period_s, config.sync.report_buffer)
-        sync = SyncCoordinator(config, client, parts.updater, parts.store, parts.state, fleet_keys, parts.blobs)
+        sync = ObservedSync(status, config, client, parts.updater, parts.store, parts.state, fleet_keys, parts.blobs)
+        installed = [rec.name for rec in parts.store.all() if rec.active is not None]
+        if installed:
+            # Loading (maybe building) the installed versions can outlast TimeoutStartSec.
+            notifier.extend_timeout(LOAD_ALLOWANCE_S * len(installed),
+                                    f"loading {len(installed)} installed bundle(s): {', '.join(installed)}")
         await parts.updater.boot()
         record_serving(parts)
 
@@ -178,8 +235,8 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Life
             nudges = _nudge_listener(config, credential.device_id, sync.nudge)
             if nudges is not None:
                 nudges.start()
-            tasks = [asyncio.create_task(sync.run(), name="agent-sync"),
-                     asyncio.create_task(reporter.run(), name="agent-reports"),
+            status.sync_task = asyncio.create_task(sync.run(), name="agent-sync")
+            tasks = [status.sync_task, asyncio.create_task(reporter.run(), name="agent-reports"),
                      asyncio.create_task(stable(), name="agent-stable")]
             try:
                 yield
@@ -191,16 +248,32 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Life
                         await t
                 if nudges is not None:
                     await asyncio.to_thread(nudges.stop)
-                reporter.collect()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(reporter.flush(), 5.0)
-                await client.aclose()
+                await last_report()
+
+        async def last_report() -> None:
+            """After the drain, before the models unload: the last report counts every request answered."""
+            if parts.dataplane.draining:
+                await parts.dataplane.wait_idle(config.http.drain_timeout_s)
+            notifier.status(f"stopping: sending the last report ({reporter.buffered + 1} queued)")
+            reporter.collect()
+            try:
+                sent = await asyncio.wait_for(reporter.flush(), FINAL_FLUSH_S)
+            except Exception as e:
+                log.warning("the last report could not be sent (%s); %d report(s) lost", e, reporter.buffered)
+            else:
+                if reporter.buffered:
+                    log.warning("sent %d report(s) at shutdown; %d could not be sent", sent, reporter.buffered)
+                else:
+                    log.info("sent the last %d report(s) at shutdown", sent)
+            await client.aclose()
 
         mqtt = _mqtt_transport(config, credential.device_id)
         try:
             return await serve([], config.model_config(), config.server_config(),
-                               (*transports, *mqtt, background),
-                               stop=stop, lifecycle=lifecycle, dataplane=parts.dataplane, started_at=started)
+                               (background, *transports, *mqtt),
+                               stop=stop, lifecycle=lifecycle, dataplane=parts.dataplane, started_at=started,
+                               watchdog_checks=[status.runners_check, status.sync_check])
         finally:
+            notifier.close()
             parts.state.pid = None
             parts.store.save_agent(parts.state)

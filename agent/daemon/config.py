@@ -12,6 +12,7 @@ config file's directory. `agent/daemon/agent.example.toml` lists every key.
     trust = []                     # publisher public keys bundles must be signed by (at least one)
     fleet_url = ""                 # override of the credential's fleet URL ("": the credential's)
     ca_file = ""                   # CA bundle for the fleet's TLS ("": system store)
+    engine_cache = ""              # built engines ("": STATE_DIR/engines; systemd: its CacheDirectory=)
 
     [sync]
     long_poll_s = 25.0             # how long the fleet may hold an assignment poll open
@@ -134,6 +135,8 @@ class AgentConfig:
     trust: tuple[pathlib.Path, ...]
     fleet_url: str = ""
     ca_file: pathlib.Path | None = None
+    #: where built engines are cached; None: state_dir / "engines"
+    engine_cache: pathlib.Path | None = None
     sync: SyncConfig = field(default_factory=SyncConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -155,7 +158,7 @@ class AgentConfig:
 
     @property
     def engine_cache_dir(self) -> pathlib.Path:
-        return self.state_dir / "engines"
+        return self.engine_cache or self.state_dir / "engines"
 
     def model_config(self) -> ModelConfig:
         s = self.serving
@@ -191,7 +194,7 @@ def parse(doc: Mapping[str, Any], base_dir: pathlib.Path) -> AgentConfig:
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     agent = dict(doc.get("agent") or {})
-    allowed = {"state_dir", "credential", "fleet_key", "trust", "fleet_url", "ca_file"}
+    allowed = {"state_dir", "credential", "fleet_key", "trust", "fleet_url", "ca_file", "engine_cache"}
     if set(agent) - allowed:
         raise ConfigError(f"[agent]: unknown key(s) {', '.join(sorted(set(agent) - allowed))}")
 
@@ -211,6 +214,7 @@ def parse(doc: Mapping[str, Any], base_dir: pathlib.Path) -> AgentConfig:
         trust=tuple(path(t, "trust") for t in trust_raw),
         fleet_url=str(agent.get("fleet_url", "")),
         ca_file=path(agent["ca_file"], "ca_file") if agent.get("ca_file") else None,
+        engine_cache=path(agent["engine_cache"], "engine_cache") if agent.get("engine_cache") else None,
         sync=_section(SyncConfig, doc.get("sync"), "[sync]"),
         update=_section(UpdateConfig, doc.get("update"), "[update]"),
         http=_section(HttpConfig, doc.get("server"), "[server]"),

@@ -83,8 +83,10 @@ class Updater:
         ev = Event(at=time.time(), kind=kind, step=step, reason=reason, ref=ref or None, serial=self.serial)
         self.agent_state.add_event(ev.to_json())
         self.store.save_agent(self.agent_state)
+        model, _, version = (ref or "").partition("@")
         log.log(logging.WARNING if kind.endswith("refused") or kind == "reverted" else logging.INFO,
-                "%s %s at %s: %s", kind, ref or "", step, reason)
+                "%s %s at %s: %s", kind, ref or "", step, reason,
+                extra={"model": model or None, "version": version or None, "step": step})
         self.on_event(ev)
 
     # ------------------------------------------------------------------ the lifecycle
@@ -151,7 +153,8 @@ class Updater:
                 try:
                     kept = await asyncio.to_thread(self.installer.open_installed, existing)
                 except UpdateRefused as e:
-                    log.warning("kept install %s is damaged (%s); installing it again", existing.path, e.reason)
+                    log.warning("kept install %s is damaged (%s); installing it again", existing.path, e.reason,
+                                extra={"model": cand.name, "version": cand.version, "step": e.step})
             if existing is not None and kept is not None:
                 vb = kept
                 inst = dataclasses.replace(existing, release=vb.manifest.release)
@@ -319,7 +322,8 @@ class Updater:
                 rec.last_known_good, rec.active = rec.active, None
                 self.store.save(rec)
                 self.on_switch()
-                log.info("%s is no longer assigned: stopped serving it (kept as last-known-good)", rec.name)
+                log.info("%s is no longer assigned: stopped serving it (kept as last-known-good)", rec.name,
+                         extra={"model": rec.name, "version": rec.last_known_good.version, "step": "retire"})
 
 
 def _as_refusal(e: Exception) -> UpdateRefused:

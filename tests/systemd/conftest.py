@@ -45,7 +45,7 @@ def outpost_wheel(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     src = tmp_path_factory.mktemp("src")  # a copy: the build writes build/ and *.egg-info next to the sources
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    for package in ("bundle", "engines", "agent", "fleet", "cli", "runtime"):
+    for package in ("bundle", "engines", "agent", "fleet", "cli", "runtime", "contract"):
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),

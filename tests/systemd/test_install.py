@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from agent.daemon.config import load as load_agent_config
 from tests.systemd.conftest import UNITS, systemd_analyze, with_system_units
 
 INSTALL = UNITS / "install.sh"
@@ -41,7 +42,8 @@ def test_dry_run_prints_every_step_and_changes_nothing(tmp_path: pathlib.Path) -
     assert "-m pip install -q " in out and "\\[gpu\\]" in out
     assert f"{root}/etc/systemd/system/outpost-agent.service.d/gpu.conf" in out
     assert f"{root}/etc/systemd/system/outpost-serve@.service.d/gpu.conf" in out
-    assert "outpost agent enroll --fleet https://fleet.example:8780 --token ********" in out
+    assert ("outpost agent enroll --fleet https://fleet.example:8780 --token ******** "
+            "--credential /var/lib/outpost/credential.json") in out
     assert SECRET not in out
     assert f"systemctl --root={root} --quiet enable outpost-agent.service" in out
     assert "systemctl enable --now outpost-agent.service" in out
@@ -90,7 +92,14 @@ def test_real_install_into_a_root_is_complete_verified_and_idempotent(tmp_path: 
     assert os.readlink(wants) == "/etc/systemd/system/outpost-agent.service"
     config = root / "etc/outpost/agent.toml"
     assert stat.S_IMODE(config.stat().st_mode) == 0o640
-    assert 'url = "https://fleet.example.com:8780"' in config.read_text()
+    assert "Enrolled with https://fleet.example.com:8780" in config.read_text()
+    # The rendered template is a valid agent config, pointing where the unit's directories are.
+    c = load_agent_config(config)
+    loaded = [str(p) for p in (c.state_dir, c.credential, c.fleet_key, c.engine_cache_dir, *c.trust)]
+    assert loaded == ["/var/lib/outpost/state", "/var/lib/outpost/credential.json",
+                      "/var/lib/outpost/fleet-assignment.pub", "/var/cache/outpost/engines",
+                      "/etc/outpost/trusted/publisher.pub"]
+    assert "NOTE: no publisher key yet" in out
     assert stat.S_IMODE((root / "etc/outpost").stat().st_mode) == 0o755
     assert "useradd --system" in out and "(not run under --root)" in out
     assert "skipped (no --fleet/--token)" in out
@@ -102,10 +111,18 @@ def test_real_install_into_a_root_is_complete_verified_and_idempotent(tmp_path: 
     (fleet_dropins / "postgresql.conf").write_bytes((UNITS / "outpost-fleet-postgresql.conf").read_bytes())
     _verify(root, "outpost-agent.service", "outpost-serve@sample.service", "outpost-fleet.service")
 
+    # --trust puts the publisher key where agent.toml names it.
+    publisher = tmp_path / "publisher.pub"
+    publisher.write_bytes(b"-----BEGIN PUBLIC KEY-----\nnot checked here\n-----END PUBLIC KEY-----\n")
+    install("--root", root, "--cpu", "--trust", publisher, *offline(outpost_wheel))
+    installed_key = root / "etc/outpost/trusted/publisher.pub"
+    assert installed_key.read_bytes() == publisher.read_bytes()
+    assert stat.S_IMODE(installed_key.stat().st_mode) == 0o644
+
     # Again: nothing changes, an edited config survives.
     config.write_text(config.read_text() + "# edited by the operator\n")
     before = _mtimes(root)
-    again = install("--root", root, "--cpu", *offline(outpost_wheel)).stdout
+    again = install("--root", root, "--cpu", "--trust", publisher, *offline(outpost_wheel)).stdout
     assert "venv exists" in again and "already installed" in again
     assert "unchanged" in again and "kept existing" in again
     assert " install -D " not in again and "-m pip install" not in again
