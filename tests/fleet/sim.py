@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,11 +43,15 @@ from contract import (
     build_report,
     verify_assignment,
 )
+from runtime import Backoff, Poller
 
 #: (ref, hardware) -> (p95 ms, error rate, NaN rate)
 Behaviour = Callable[[str, str], tuple[float, float, float]]
 AGENT_VERSION = "0.1.0-sim"
 LONG_POLL_S = 5.0
+#: the agent's sync backoff (retry_base_s 1 s, retry_max_s 60 s) scaled to the simulation's 1 s report period
+SYNC_BACKOFF = Backoff(0.25, 4.0)
+log = logging.getLogger(__name__)
 
 
 def steady(_ref: str, _hw: str) -> tuple[float, float, float]:
@@ -197,52 +202,53 @@ class SimDevice:
 
     # --- the agent's loops ---
 
-    async def sync(self) -> None:
-        """Long-poll, verify, switch: the sync coordinator's step, with an instant install."""
+    async def sync_step(self) -> None:
+        """One step of the sync coordinator (agent/daemon/sync.py), with an instant install.
+
+        Long-poll (the first one asks at once, later ones name the serial held),
+        verify against the fleet key and the trusted state, then switch.
+        """
         assert self.trusted is not None and self.reporter is not None
-        asked = False
-        while True:
-            known = self.trusted.last_serial if asked else None
+        known = self.trusted.last_serial if self.assignment is not None else None
+        try:
             envelope = await self.link.assignment(self.device_id, self.credential, known, LONG_POLL_S)
-            asked = True
-            try:
-                accepted = verify_assignment(envelope, self.fleet_key, self.trusted, time.time())
-            except AssignmentRejected as e:
-                self.rejected.append(f"{type(e).__name__}: {e}")
-                raise
-            self.trusted = self.trusted.after(accepted)
-            self.assignment = accepted
-            revoked = set(accepted.revoked)
-            refs = sorted(b.ref for b in accepted.bundles if not b.revoked and b.ref not in revoked)
-            if refs != self.active:
-                for _, m, version in self._served():
-                    self.previous[m] = version
-                self.active = refs
-                self.history.append(refs)
-                # a new version: its windows start now, and the fleet hears of it at once
-                self.reporter.enqueue(self.build(with_window=False))
-                await self.reporter.flush()
+        except Exception as e:  # fleet restarting or shedding: the Poller backs off like the agent's
+            self.errors.append(repr(e))
+            raise
+        try:
+            accepted = verify_assignment(envelope, self.fleet_key, self.trusted, time.time())
+        except AssignmentRejected as e:
+            self.rejected.append(f"{type(e).__name__}: {e}")
+            raise
+        self.trusted = self.trusted.after(accepted)
+        self.assignment = accepted
+        revoked = set(accepted.revoked)
+        refs = sorted(b.ref for b in accepted.bundles if not b.revoked and b.ref not in revoked)
+        if refs != self.active:
+            for _, m, version in self._served():
+                self.previous[m] = version
+            self.active = refs
+            self.history.append(refs)
+            # a new version: its windows start now, and the fleet hears of it at once
+            self.reporter.enqueue(self.build(with_window=False))
+            await self.reporter.flush()
 
     async def run(self) -> None:
-        if not self.fleet_key:
-            self.fleet_key = await self.link.fleet_key(self.device_id, self.credential)
-        self.reporter = Reporter(self, self.build, period_s=self.period_s, max_buffer=64)
-
-        async def guarded(coro: Callable[[], Any]) -> None:
-            while True:
-                try:
-                    await coro()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # fleet restarting: retry like an agent would
-                    self.errors.append(repr(e))
-                    await asyncio.sleep(0.2)
+        while not self.fleet_key:
+            try:
+                self.fleet_key = await self.link.fleet_key(self.device_id, self.credential)
+            except Exception as e:
+                self.errors.append(repr(e))
+                await asyncio.sleep(SYNC_BACKOFF.delay_s(0))
+        self.reporter = Reporter(self, self.build, period_s=self.period_s)
+        # the agent's poll loop: a long-poll right after the last, full-jitter backoff after a failure
+        sync = Poller(f"sim sync {self.device_id}", self.sync_step, 0.0, backoff=SYNC_BACKOFF, logger=log)
 
         async def report_loop() -> None:
             assert self.reporter is not None
             await asyncio.sleep(self.period_s)  # the first window is a whole period long
             await self.reporter.run()
-        await asyncio.gather(guarded(self.sync), guarded(report_loop))
+        await asyncio.gather(sync.run(), report_loop())
 
 
 class Simulation:

@@ -151,6 +151,15 @@ async def _settled(w: World, want: str, timeout_s: float = 20) -> None:
         status, shown = await w.call("GET", f"/api/v1/devices/{d.device_id}")
         assert shown["assigned"] == [want], (d.device_id, shown["assigned"])
     _agents_sound(w)
+    # the fleet keeps what the agent's builders sent: per-model state on the agent's backend, and the serial
+    # the agent verified (checked on one device of each kind: 200 more reads would only repeat it)
+    for hw in KINDS:
+        d = next(d for d in w.devices if d.hardware == hw)
+        _, shown = await w.call("GET", f"/api/v1/devices/{d.device_id}")
+        state = shown["state"]
+        assert [(m["active"], m["backend"]) for m in state["models"]] == [
+            (want.partition("@")[2], ENGINE_OF[hw])] * len(state["models"]) and state["models"]
+        assert state["hardware"]["gpu_name"] == hw and state["assignment"]["serial"] <= d.serial
 
 
 def _agents_sound(w: World) -> None:
