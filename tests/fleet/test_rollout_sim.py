@@ -249,3 +249,16 @@ def test_reported_backends_map_to_the_gates_engine_kinds() -> None:
 
     assert set(BACKEND_KINDS) == set(BACKENDS) and set(ENGINE_KINDS) == set(ENGINES)
     assert {b: kind for kind, backends in ENGINE_KINDS.items() for b in backends} == BACKEND_KINDS
+
+
+@pytest.mark.parametrize(("backend", "verdict"), [("ort-cuda", "pass"), ("ort-tensorrt", "pass"), ("tensorrt", "pass"),
+                                                  ("cuda", "pass"), ("ort-cpu", "fail"), ("cpu", "fail")])
+def test_engine_gate_judges_the_agents_backend_by_kind(backend: str, verdict: str) -> None:
+    """An agent reports runner backends ("ort-cuda"); a GPU-only gate passes them and fails a CPU fallback."""
+    from fleet.rollouts.gates import DeviceStatus, device_gates
+    from fleet.rollouts.spec import Gates
+
+    g = Gates(allowed_engines=("tensorrt", "cuda"))
+    results = device_gates(g, "jetson-orin", [DeviceStatus("jetson-orin", True, False, False, engine=backend)])
+    engine = next(r for r in results if r.gate == "engine")
+    assert engine.verdict == verdict, engine
