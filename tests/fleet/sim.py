@@ -4,9 +4,10 @@ Each `SimDevice` is the device agent minus its data plane: it enrolls with
 `agent.fleet_client.FleetClient` (the real aiohttp transport, on one session
 shared by every simulated device), long-polls its signed assignment and
 verifies it with `contract.verify_assignment` against the fleet key it fetched
-and its own trusted state (highest serial accepted, kept across fleet
-restarts), "installs" what it is assigned at once (the simulation is about the
-fleet's decisions, so there is no download or engine build), and reports
+and its own trusted state (highest serial accepted, persisted with the agent's
+`StateStore` when the fleet is enrolled with a state root), "installs" what
+it is assigned at once (the simulation is about the fleet's decisions, so
+there is no download or engine build), and reports
 through `agent.reporter.Reporter` with reports made by `contract.report`'s
 builders. Only the serving is simulated: each telemetry window's per-model
 latency, error and NaN figures come from a `Behaviour` of (bundle ref,
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pathlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from typing import Any
 
 import aiohttp
 
+from agent.daemon.state import AgentState, StateStore
 from agent.fleet_client import AiohttpTransport, FleetClient
 from agent.reporter import Reporter
 from contract import (
@@ -131,9 +134,10 @@ class SimDevice:
     engine: str = "ort-tensorrt"
     #: Custom metrics per window, as (ref, hardware) -> {metric: value}.
     custom: Callable[[str, str], dict[str, float]] | None = None
-    #: what this device trusts: the highest serial it accepted (an agent persists it; this object outlives
-    #: any fleet restart)
+    #: what this device trusts: the highest serial it accepted, persisted in `store` (the agent's own state
+    #: store, atomic writes) when one is given, and loaded from it on start
     trusted: AssignmentState | None = None
+    store: StateStore | None = None
     assignment: Assignment | None = None
     active: list[str] = field(default_factory=list)
     #: model name -> version it ran before the current one (the report's last_known_good)
@@ -220,8 +224,14 @@ class SimDevice:
         except AssignmentRejected as e:
             self.rejected.append(f"{type(e).__name__}: {e}")
             raise
-        self.trusted = self.trusted.after(accepted)
+        before, self.trusted = self.trusted, self.trusted.after(accepted)
         self.assignment = accepted
+        if self.store is not None and self.trusted.last_serial != before.last_serial:
+            # persisted before acting on it, as the sync coordinator does (only on a new serial here: the
+            # same serial re-signed after every idle long-poll would cost 200 fsyncs every few seconds)
+            await asyncio.to_thread(self.store.save_agent, AgentState(
+                device_id=self.device_id, serial=self.trusted.last_serial, issued_at=self.trusted.last_issued_at,
+                expires_at=accepted.expires_at, last_sync=time.time()))
         revoked = set(accepted.revoked)
         refs = sorted(b.ref for b in accepted.bundles if not b.revoked and b.ref not in revoked)
         if refs != self.active:
@@ -234,6 +244,10 @@ class SimDevice:
             await self.reporter.flush()
 
     async def run(self) -> None:
+        if self.store is not None:
+            saved = await asyncio.to_thread(self.store.load_agent)
+            if saved.device_id == self.device_id:
+                self.trusted = AssignmentState(self.device_id, saved.serial, saved.issued_at)
         while not self.fleet_key:
             try:
                 self.fleet_key = await self.link.fleet_key(self.device_id, self.credential)
@@ -268,8 +282,12 @@ class Simulation:
 
 
 async def enroll_fleet(link: FleetLink, admin: str, kinds: dict[str, int], models: dict[str, list[str]],
-                       behaviour: Behaviour, period_s: float) -> list[SimDevice]:
-    """Enroll `kinds[hw]` devices of each hardware kind (label hardware=hw, fleet=sim) with the agent's client."""
+                       behaviour: Behaviour, period_s: float,
+                       state_root: pathlib.Path | None = None) -> list[SimDevice]:
+    """Enroll `kinds[hw]` devices of each hardware kind (label hardware=hw, fleet=sim) with the agent's client.
+
+    With `state_root`, each device persists its trusted state under ``state_root/<device id>``.
+    """
     status, tok = await link._json("POST", "/api/v1/enroll-tokens", admin, {"uses": sum(kinds.values())})
     assert status == 201, tok
     out = []
@@ -279,5 +297,7 @@ async def enroll_fleet(link: FleetLink, admin: str, kinds: dict[str, int], model
             device_id, cred = await link.enroll(tok["token"], f"{hw}-{i}", {"hardware": hw, "fleet": "sim"})
             if not key:
                 key = await link.fleet_key(device_id, cred)
-            out.append(SimDevice(link, device_id, cred, hw, models, behaviour, period_s, fleet_key=key))
+            store = StateStore(state_root / device_id) if state_root is not None else None
+            out.append(SimDevice(link, device_id, cred, hw, models, behaviour, period_s, fleet_key=key,
+                                 store=store))
     return out

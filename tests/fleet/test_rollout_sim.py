@@ -91,7 +91,7 @@ async def world(pg_url: str, tmp_path: pathlib.Path, keypair: tuple[pathlib.Path
                                      headers={"Authorization": f"Bearer {admin}"}) as r:
                     assert r.status == 201, await r.text()
                     models = {"demo": (await r.json())["models"]}
-            devices = await enroll_fleet(link, admin, KINDS, models, behaviour, PERIOD_S)
+            devices = await enroll_fleet(link, admin, KINDS, models, behaviour, PERIOD_S, tmp_path / "agents")
             for d in devices:  # the backend names the agent's runners report (engines.registry)
                 d.engine = ENGINE_OF[d.hardware]
             sem = asyncio.Semaphore(16)
@@ -168,6 +168,7 @@ def _agents_sound(w: World) -> None:
     for d in w.devices:
         assert d.assignment is not None and d.trusted is not None
         assert d.trusted.last_serial == d.assignment.serial == d.serial > 0
+        assert d.store is not None and d.store.load_agent().serial == d.serial  # what a restarted agent trusts
         assert d.reporter is not None and d.reporter.sent > 0
         assert d.reporter.rejected == 0 and d.reporter.dropped == 0, (d.device_id, d.reporter.last_error)
 
