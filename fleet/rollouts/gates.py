@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .spec import Gates
+from .spec import Gates, engine_kind
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 
@@ -133,7 +133,7 @@ def device_gates(g: Gates, kind: str, devices: list[DeviceStatus]) -> list[GateR
     unhealthy = sum(d.unhealthy for d in on_new)
     out.append(_bound("unhealthy", kind, unhealthy / len(on_new) if on_new else None, g.max_unhealthy_rate,
                       len(on_new), bool(on_new)))
-    fallen = [d.engine for d in on_new if d.engine is not None and d.engine not in g.allowed_engines]
+    fallen = [d.engine for d in on_new if d.engine is not None and engine_kind(d.engine) not in g.allowed_engines]
     reported = sum(d.engine is not None for d in on_new)
     out.append(GateResult("engine", kind, "fail" if fallen else "pass", float(len(fallen)), 0.0, reported,
                           f"fell back to {', '.join(sorted(set(fallen)))}; allowed: {', '.join(g.allowed_engines)}"

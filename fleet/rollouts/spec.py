@@ -16,6 +16,15 @@ from ..errors import InvalidRequest
 
 DEFAULT_STAGES: tuple[dict[str, Any], ...] = ({"devices": 1}, {"percent": 5}, {"percent": 25}, {"percent": 100})
 ENGINES = ("tensorrt", "cuda", "cpu")
+#: The agent reports the backend its runner uses (engines.registry.BACKENDS names, e.g. "ort-cuda");
+#: gates and `allowed_engines` speak of engine kinds (the manifest's serving.engines), so map one to the other.
+BACKEND_KINDS: dict[str, str] = {"tensorrt": "tensorrt", "ort-tensorrt": "tensorrt", "ort-cuda": "cuda",
+                                 "ort-cpu": "cpu"}
+
+
+def engine_kind(backend: str) -> str:
+    """The kind of a reported backend (a kind name stays itself; an unknown name is judged as given)."""
+    return BACKEND_KINDS.get(backend, backend)
 
 
 @dataclass(frozen=True)

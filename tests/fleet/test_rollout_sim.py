@@ -1,5 +1,10 @@
 """Acceptance: 200 simulated agents on two hardware kinds, real fleet API, PostgreSQL.
 
+The agents are the device agent's own client code (`tests.fleet.sim`): the
+real FleetClient on loopback, signed assignments verified by
+`contract.verify_assignment`, reports built by `contract.report` and sent by
+the agent's Reporter; only the serving figures are simulated.
+
 A good v2 goes through every stage to 100%; a bad v3 (p95 three times the SLO
 on one hardware kind only) halts in the first stage that includes that kind,
 never reaches more than that stage's slice, and every device that got it is
@@ -34,6 +39,7 @@ KINDS = {"x86-t4": 120, "jetson-orin": 80}
 PERIOD_S = 1.0
 FAST = RolloutConfig(eval_interval_s=0.25, lease_s=5.0)
 STAGES = [{"devices": 1}, {"percent": 5}, {"percent": 25}, {"percent": 100}]
+ENGINE_OF = {"x86-t4": "ort-tensorrt", "jetson-orin": "ort-cuda"}
 
 
 def behaviour(ref: str, hw: str) -> tuple[float, float, float]:
@@ -85,7 +91,9 @@ async def world(pg_url: str, tmp_path: pathlib.Path, keypair: tuple[pathlib.Path
                                      headers={"Authorization": f"Bearer {admin}"}) as r:
                     assert r.status == 201, await r.text()
                     models = {"demo": (await r.json())["models"]}
-            devices = await enroll_fleet(link, admin, KINDS, models, behaviour, PERIOD_S)
+            devices = await enroll_fleet(link, admin, KINDS, models, behaviour, PERIOD_S, tmp_path / "agents")
+            for d in devices:  # the backend names the agent's runners report (engines.registry)
+                d.engine = ENGINE_OF[d.hardware]
             sem = asyncio.Semaphore(16)
 
             async def assign_v1(d: SimDevice) -> None:
@@ -106,7 +114,9 @@ async def world(pg_url: str, tmp_path: pathlib.Path, keypair: tuple[pathlib.Path
 async def _create(w: World, ref: str, soak_s: float = 0.5) -> str:
     status, body = await w.call("POST", "/api/v1/rollouts", {
         "bundle": ref, "selector": {"labels": {"fleet": "sim"}}, "stages": STAGES,
-        "soak_s": soak_s, "min_requests": 100, "gates": {"failure_limit": 0}})
+        "soak_s": soak_s, "min_requests": 100,
+        # the agent reports backends ("ort-cuda"); the gate must judge their kinds, not fail them
+        "gates": {"failure_limit": 0, "allowed_engines": ["tensorrt", "cuda"]}})
     assert status == 201, body
     return str(body["id"])
 
@@ -140,6 +150,27 @@ async def _settled(w: World, want: str, timeout_s: float = 20) -> None:
     for d in w.devices:
         status, shown = await w.call("GET", f"/api/v1/devices/{d.device_id}")
         assert shown["assigned"] == [want], (d.device_id, shown["assigned"])
+    _agents_sound(w)
+    # the fleet keeps what the agent's builders sent: per-model state on the agent's backend, and the serial
+    # the agent verified (checked on one device of each kind: 200 more reads would only repeat it)
+    for hw in KINDS:
+        d = next(d for d in w.devices if d.hardware == hw)
+        _, shown = await w.call("GET", f"/api/v1/devices/{d.device_id}")
+        state = shown["state"]
+        assert [(m["active"], m["backend"]) for m in state["models"]] == [
+            (want.partition("@")[2], ENGINE_OF[hw])] * len(state["models"]) and state["models"]
+        assert state["hardware"]["gpu_name"] == hw and state["assignment"]["serial"] <= d.serial
+
+
+def _agents_sound(w: World) -> None:
+    """Every agent verified what it acts on, and the fleet accepted every report the agent code built."""
+    assert not [r for d in w.devices for r in d.rejected]
+    for d in w.devices:
+        assert d.assignment is not None and d.trusted is not None
+        assert d.trusted.last_serial == d.assignment.serial == d.serial > 0
+        assert d.store is not None and d.store.load_agent().serial == d.serial  # what a restarted agent trusts
+        assert d.reporter is not None and d.reporter.sent > 0
+        assert d.reporter.rejected == 0 and d.reporter.dropped == 0, (d.device_id, d.reporter.last_error)
 
 
 def _kinds(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
@@ -210,3 +241,25 @@ async def test_fleet_restarted_mid_rollout_resumes(world: World) -> None:
     actors = {e["actor"] for e in final["events"] if e["kind"] in ("promoted", "completed")}
     assert len(actors) == 2  # the engine before the restart, and the one after
     await _settled(w, "demo@2.0.0")
+
+
+def test_reported_backends_map_to_the_gates_engine_kinds() -> None:
+    """The fleet's backend -> kind table (it may not import engines/) agrees with the agent's registry."""
+    from engines.registry import BACKENDS, ENGINE_KINDS
+    from fleet.rollouts.spec import BACKEND_KINDS, ENGINES
+
+    assert set(BACKEND_KINDS) == set(BACKENDS) and set(ENGINE_KINDS) == set(ENGINES)
+    assert {b: kind for kind, backends in ENGINE_KINDS.items() for b in backends} == BACKEND_KINDS
+
+
+@pytest.mark.parametrize(("backend", "verdict"), [("ort-cuda", "pass"), ("ort-tensorrt", "pass"), ("tensorrt", "pass"),
+                                                  ("cuda", "pass"), ("ort-cpu", "fail"), ("cpu", "fail")])
+def test_engine_gate_judges_the_agents_backend_by_kind(backend: str, verdict: str) -> None:
+    """An agent reports runner backends ("ort-cuda"); a GPU-only gate passes them and fails a CPU fallback."""
+    from fleet.rollouts.gates import DeviceStatus, device_gates
+    from fleet.rollouts.spec import Gates
+
+    g = Gates(allowed_engines=("tensorrt", "cuda"))
+    results = device_gates(g, "jetson-orin", [DeviceStatus("jetson-orin", True, False, False, engine=backend)])
+    engine = next(r for r in results if r.gate == "engine")
+    assert engine.verdict == verdict, engine
