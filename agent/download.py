@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from bundle import fsync_dir
+from runtime import Backoff
 
 from .fleet_errors import (
     DownloadError,
@@ -70,11 +71,6 @@ class Fetcher(Protocol):
 
     async def get(self, path: str, headers: Mapping[str, str] | None = None,
                   timeout_s: float | None = None) -> HttpResponse: ...
-
-
-def full_jitter(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
-    """Seconds to wait before try `attempt` + 1: uniform in [0, min(cap, base * 2^attempt)] (AWS "full jitter")."""
-    return (rng or random).uniform(0.0, min(cap_s, base_s * (2.0 ** min(attempt, 62))))
 
 
 class BlobStore:
@@ -179,9 +175,10 @@ async def _fetch(fetcher: Fetcher, url: str, blobs: BlobStore, expected_sha256: 
     # does not, they may be the culprit, so start over once from zero before refusing.
     inherited = progress.offset > 0
     last: Exception | None = None
+    backoff = Backoff(policy.backoff_base_s, policy.backoff_max_s)
     for attempt in range(max(1, policy.attempts)):
         if attempt:
-            delay = full_jitter(attempt - 1, policy.backoff_base_s, policy.backoff_max_s, rng)
+            delay = backoff.delay_s(attempt - 1, (rng or random).random)
             log.info("download %s: try %d in %.1f s after: %s", url, attempt + 1, delay, last)
             await sleep(delay)
         try:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import pytest
 
 from agent.credentials import Credential
-from agent.download import BlobStore, DownloadPolicy, fetch_blob, full_jitter
+from agent.download import BlobStore, DownloadPolicy, fetch_blob
 from agent.fleet_client import AiohttpTransport, FleetClient, HttpRequest, HttpResponse
 from agent.fleet_errors import (
     DownloadError,
@@ -28,6 +28,7 @@ from agent.fleet_errors import (
     FleetUnreachable,
 )
 from fleet.api import FLEET
+from runtime import Backoff
 from tests.conftest import MakeBundle
 
 from .conftest import LiveFleet
@@ -294,10 +295,11 @@ async def test_refusals_are_not_retried_and_failures_back_off_with_full_jitter(t
 
 def test_full_jitter_spreads_over_the_whole_window() -> None:
     rng = random.Random(3)
-    samples = [full_jitter(4, 0.5, 60.0, rng) for _ in range(4000)]
+    backoff = Backoff(0.5, 60.0)  # the downloads' backoff (DownloadPolicy.backoff_base_s / backoff_max_s)
+    samples = [backoff.delay_s(4, rng.random) for _ in range(4000)]
     assert 0 <= min(samples) < 0.2 and 7.8 < max(samples) <= 8.0
     assert 3.7 < sum(samples) / len(samples) < 4.3
-    assert max(full_jitter(200, 0.5, 60.0, rng) for _ in range(100)) <= 60.0
+    assert max(backoff.delay_s(200, rng.random) for _ in range(100)) <= 60.0
 
 
 async def test_leftover_bytes_that_do_not_verify_are_fetched_whole(
