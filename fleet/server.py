@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from runtime import stop_on_signals
 from runtime.sdnotify import Notifier
 
 from .api import FLEET, build_app
@@ -110,10 +110,7 @@ async def serve(config: ServerConfig) -> None:
     sys.setswitchinterval(0.0005)
     print(f"fleet: listening on {running.url}", flush=True)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
     notifier.ready(f"serving on {running.url}")
     try:
