@@ -4,9 +4,13 @@ Handlers only parse, call the data plane and serialise; an `AgentError` is
 turned into a response in exactly one place (`error_response`). The server is
 an `AppRunner` + `TCPSite` pair wrapped in `HttpServer`, so the agent daemon
 can embed it next to its other tasks; `outpost serve` is one such embedding.
-Plain inference POSTs skip aiohttp's router and middleware chain (`_fast_infer`):
-on a small model they are most of the server's work, and those layers a visible
-share of it (bench/README.md, "HTTP stacks and the hot path").
+Connections start on `agent.fast_http`, which answers small plain inference requests
+on httptools without aiohttp's per-request objects and hands a connection to aiohttp
+at its first other request; on aiohttp, plain inference POSTs still skip the router
+and middleware chain (`_fast_infer`). On a small model inference requests are most of
+the server's work, and those layers a visible share of it (bench/README.md, "HTTP
+stacks and the hot path"). Both paths answer through one function (`_answer` ->
+`_infer`), which returns a `Reply` that either front writes.
 
 Defences (THREATS 28-35): the body limit is checked against Content-Length
 before anything is read and again while streaming (so a chunked or compressed
