@@ -181,6 +181,10 @@ async def test_a_big_body_goes_to_aiohttp(serve: ServeFactory, bundles: dict[str
     pytest.param(post(extra=b"Content-Length: 3\r\n"), 400, id="two-content-lengths"),
     pytest.param(b"POST /v2/models/mlp/infer HTTP/1.1\nHost: t\nContent-Length: 2\n\n{}", 400, id="bare-LF"),
     pytest.param(b"BREW /v2/models/mlp/infer HTTP/1.1\r\nHost: t\r\n\r\n", 400, id="unknown-method"),
+    pytest.param(post(extra=b"Transfer-Encoding: chunked\r\n"), 400, id="length-and-chunked"),
+    pytest.param(post().replace(b"Content-Length: ", b"Content-Length: +"), 400, id="signed-length"),
+    pytest.param(post().replace(b"Content-Length: ", b"Content-Length: 0x"), 400, id="hex-length"),
+    pytest.param(post().replace(b"Content-Length:", b"Content-Length :"), 400, id="space-before-colon"),
 ])
 async def test_malformed_requests_get_aiohttps_json_errors_and_the_server_goes_on(
         serve: ServeFactory, bundles: dict[str, pathlib.Path], request_bytes: bytes, status: int) -> None:
@@ -330,3 +334,24 @@ async def test_fast_path_and_hand_off_over_tls(serve: ServeFactory, bundles: dic
     front = served.server.front
     assert front is not None and (front.served, front.handed_off) == (1, 1)
     writer.close()
+
+
+async def test_a_stream_cut_anywhere_is_answered_the_same(
+        serve: ServeFactory, bundles: dict[str, pathlib.Path], want: np.ndarray) -> None:
+    """Framing: a fast request, a bad one, a fast one, then a route for aiohttp, sent in two pieces
+    cut at 40 places (seeded); every cut gets the same four answers in the same order."""
+    served = await serve([bundles["mlp"]])
+    bad = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]})
+    stream = post() + post(bad) + post() + b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n"
+    rng = np.random.default_rng(7)
+    for cut in sorted(rng.choice(np.arange(1, len(stream)), 40, replace=False)):
+        reader, writer = await connect(served)
+        writer.write(stream[:cut])
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(stream[cut:])
+        answers = [await read_response(reader) for _ in range(4)]
+        assert [a[0] for a in answers] == [200, 400, 200, 200], cut
+        np.testing.assert_array_equal(logits(answers[0][2]), want)
+        np.testing.assert_array_equal(logits(answers[2][2]), want)
+        writer.close()
