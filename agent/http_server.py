@@ -4,9 +4,13 @@ Handlers only parse, call the data plane and serialise; an `AgentError` is
 turned into a response in exactly one place (`error_response`). The server is
 an `AppRunner` + `TCPSite` pair wrapped in `HttpServer`, so the agent daemon
 can embed it next to its other tasks; `outpost serve` is one such embedding.
-Plain inference POSTs skip aiohttp's router and middleware chain (`_fast_infer`):
-on a small model they are most of the server's work, and those layers a visible
-share of it (bench/README.md, "HTTP stacks and the hot path").
+Connections start on `agent.fast_http`, which answers small plain inference requests
+on httptools without aiohttp's per-request objects and hands a connection to aiohttp
+at its first other request; on aiohttp, plain inference POSTs still skip the router
+and middleware chain (`_fast_infer`). On a small model inference requests are most of
+the server's work, and those layers a visible share of it (bench/README.md, "HTTP
+stacks and the hot path"). Both paths answer through one function (`_answer` ->
+`_infer`), which returns a `Reply` that either front writes.
 
 Defences (THREATS 28-35): the body limit is checked against Content-Length
 before anything is read and again while streaming (so a chunked or compressed
@@ -32,13 +36,14 @@ import hmac
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestHandler
 
-from . import decoding, protocol
+from . import decoding, fast_http, protocol
 from .admission import ByteBudget, Reservation
 from .config import ServerConfig
 from .dataplane import DataPlane, deadline_after
@@ -54,19 +59,13 @@ BUDGET = web.AppKey("body_budget", ByteBudget)
 #: A request may shorten its own deadline with this header (milliseconds), never lengthen it.
 TIMEOUT_HEADER = "Outpost-Timeout-Ms"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_TIMEOUT_KEY, _HEADER_LENGTH_KEY = TIMEOUT_HEADER.lower(), HEADER_LENGTH.lower()
 _BODY_TYPES = frozenset({"application/json", "application/octet-stream"})
 _OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
 def error_response(e: AgentError) -> web.Response:
-    """The single AgentError -> HTTP mapping: status from the error, JSON body, Retry-After on 503."""
-    headers = {}
-    if isinstance(e, Unavailable):
-        headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
-    if isinstance(e, Unauthorized):
-        headers["WWW-Authenticate"] = 'Bearer realm="outpost"'
-    return web.Response(status=e.status, body=protocol.encode_error(e.message), content_type="application/json",
-                        headers=headers)
+    return error_reply(e).as_response()
 
 
 def _json(doc: object, status: int = 200) -> web.Response:
@@ -114,20 +113,87 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    return await _infer(request, request.app, request.match_info["model"], request.match_info.get("version"))
+    reply = await _infer(_AiohttpIncoming(request), request.app, request.match_info["model"],
+                         request.match_info.get("version"))
+    return reply.as_response()
 
 
-async def _infer(request: web.Request, app: web.Application, model: str, version: str | None) -> web.Response:
+@dataclass(slots=True)
+class Reply:
+    """An inference answer, built once and written by either front (aiohttp's, or `agent.fast_http`)."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] | None = None
+    #: the connection cannot be reused after this answer (its body stream is broken)
+    close: bool = False
+
+    def as_response(self) -> web.Response:
+        response = web.Response(status=self.status, body=self.body, content_type=self.content_type,
+                                headers=self.headers)
+        if self.close:
+            response.force_close()
+        return response
+
+
+def error_reply(e: AgentError) -> Reply:
+    """The single AgentError -> HTTP mapping: status from the error, JSON body, Retry-After on 503."""
+    headers = None
+    if isinstance(e, Unavailable):
+        headers = {"Retry-After": str(max(1, round(e.retry_after_s)))}
+    elif isinstance(e, Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="outpost"'}
+    return Reply(e.status, protocol.encode_error(e.message), headers=headers)
+
+
+class Incoming(Protocol):
+    """What inference needs of a request, whichever front parsed it."""
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Looked up by lower-case names (aiohttp's are case-insensitive; the fast path's are lower-case)."""
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    async def read_body(self, config: ServerConfig, held: Reservation) -> bytes | bytearray:
+        """The whole body, reserved in `held` before each byte is kept."""
+
+
+class _AiohttpIncoming:
+    __slots__ = ("request",)
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.request.headers
+
+    @property
+    def content_length(self) -> int | None:
+        return self.request.content_length
+
+    async def read_body(self, config: ServerConfig, held: Reservation) -> bytes | bytearray:
+        return await _read_body(self.request, config, held)
+
+
+async def _infer(request: Incoming, app: web.Application, model: str, version: str | None) -> Reply:
     dp = app[DATAPLANE]
     config = app[CONFIG]
+    headers = request.headers
     try:
         sm = dp.get(model, version)  # 404 before reading a byte of the body
-        _check_content_type(request)
-        deadline = _deadline(request, sm.config.timeout_ms)
+        _check_content_type(headers.get("content-type"))
+        deadline = _deadline(headers.get(_TIMEOUT_KEY), sm.config.timeout_ms)
+        length = request.content_length
+        if length is not None and length > config.max_body_bytes:
+            raise PayloadTooLarge(length, config.max_body_bytes)
         with app[BUDGET].reservation() as held:  # held until the answer is built
-            body = await _read_body(request, config, held)
-            regions = shm.regions_for(app, request)  # [shm] None unless --shared-memory
-            req = await decoding.decode_request(body, request.headers.get(HEADER_LENGTH),
+            body = await request.read_body(config, held)
+            regions = shm.regions_for(app, headers)  # [shm] None unless --shared-memory
+            req = await decoding.decode_request(body, headers.get(_HEADER_LENGTH_KEY),
                                                 regions.input_view if regions else None)
             del body
             placement = regions.plan_outputs(req) if regions else None  # [shm] 400 before any compute
@@ -135,32 +201,38 @@ async def _infer(request: web.Request, app: web.Application, model: str, version
             del req
             encoded = protocol.encode_response(placement.write(response) if placement else response)  # [shm]
     except AgentError as e:
-        reply = error_response(e)
-        if isinstance(e, _UnreadableBody):
-            reply.force_close()  # aiohttp would fail again draining the rest of it
+        reply = error_reply(e)
+        reply.close = isinstance(e, _UnreadableBody)  # aiohttp would fail again draining the rest of it
         return reply
     if encoded.header_length is None:
-        return web.Response(body=encoded.header, content_type="application/json")
-    return web.Response(body=encoded.body(), content_type="application/octet-stream",
-                        headers={HEADER_LENGTH: str(encoded.header_length)})
+        return Reply(200, encoded.header)
+    return Reply(200, encoded.body(), "application/octet-stream", {HEADER_LENGTH: str(encoded.header_length)})
+
+
+async def infer_or_500(request: Incoming, app: web.Application, model: str, version: str | None,
+                       path: str) -> Reply:
+    """`_infer`, with a bug costing this request a JSON 500 (logged with its traceback) as `json_errors` does."""
+    try:
+        return await _infer(request, app, model, version)
+    except Exception as e:
+        log.exception("HTTP POST %s failed", path)
+        return error_reply(InferenceFailed(f"internal error: {type(e).__name__}"))
 
 
 class _UnreadableBody(InvalidRequest):
     """The body stream itself failed (bad compression): the connection cannot be reused."""
 
 
-def _check_content_type(request: web.Request) -> None:
-    raw = request.headers.get("Content-Type")
+def _check_content_type(raw: str | None) -> None:
     if raw is None or raw in _BODY_TYPES:
         return  # none: v2 clients (tritonclient among them) often send none
-    ctype = request.content_type
+    ctype = raw.partition(";")[0].strip().lower()
     if ctype not in _BODY_TYPES:
         raise InvalidRequest(f"unsupported content type {ctype!r}; send application/json, or "
                              f"application/octet-stream with {HEADER_LENGTH} (binary tensor data)")
 
 
-def _deadline(request: web.Request, default_ms: float) -> float:
-    raw = request.headers.get(TIMEOUT_HEADER)
+def _deadline(raw: str | None, default_ms: float) -> float:
     if raw is None:
         return deadline_after(default_ms)
     try:
@@ -177,8 +249,6 @@ async def _read_body(request: web.Request, config: ServerConfig, held: Reservati
     limit = config.max_body_bytes
     length = request.content_length
     if length is not None:
-        if length > limit:
-            raise PayloadTooLarge(length, limit)
         held.ensure(length)
     content = request.content
     try:
@@ -263,30 +333,36 @@ _FAST_INFER = re.compile(r"/v2/models/([^/%?]+)(?:/versions/([^/%?]+))?/infer")
 _ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def _fast_infer(app: web.Application, routed: _ServerHandler, token: str | None) -> _ServerHandler:
-    """The server's request handler: inference straight to `_infer`, every other request through the app.
+def _answer(app: web.Application, token: str | None) -> fast_http.Answer:
+    """Inference as both dispatchers give it: the bearer check, then `_infer` with a bug's JSON 500."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    async def answer(request: Incoming, model: str, version: str | None, path: str) -> Reply:
+        if expected is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                            expected):
+            return error_reply(Unauthorized("missing or wrong bearer token"))
+        return await infer_or_500(request, app, model, version, path)
+
+    return answer
+
+
+def _fast_infer(routed: _ServerHandler, answer: fast_http.Answer) -> _ServerHandler:
+    """The aiohttp server's request handler: inference straight to `answer`, every other request through the app.
 
     The router and the middleware chain cost several microseconds per request, a visible share of
     a small model's whole request (bench/README.md, "HTTP stacks"); inference is the route that runs
     thousands of times a second, so it skips them and gets here what they give it: the bearer check
-    and a bug's JSON 500. `Expect: 100-continue` goes through the app, which answers it.
+    and a bug's JSON 500. `Expect: 100-continue` goes through the app, which answers it. (Small
+    inference requests mostly never reach aiohttp at all: `agent.fast_http`.)
     """
-    expected = f"Bearer {token}".encode() if token else None
 
     async def handle(base: web.BaseRequest) -> web.StreamResponse:
         request = cast(web.Request, base)  # the AppRunner's server makes web.Request objects
         m = _FAST_INFER.fullmatch(request.raw_path) if request.method == "POST" else None
         if m is None or hdrs.EXPECT in request.headers:
             return await routed(request)
-        if expected is not None and not hmac.compare_digest(request.headers.get("Authorization", "").encode(),
-                                                            expected):
-            return _close_if_unread(request, error_response(Unauthorized("missing or wrong bearer token")))
-        try:
-            response = await _infer(request, app, m[1], m[2])
-        except Exception as e:  # as json_errors does for routed requests
-            log.exception("HTTP %s %s failed", request.method, request.path)
-            response = error_response(InferenceFailed(f"internal error: {type(e).__name__}"))
-        return _close_if_unread(request, response)
+        reply = await answer(_AiohttpIncoming(request), m[1], m[2], request.path)
+        return _close_if_unread(request, reply.as_response())
 
     return handle
 
@@ -358,22 +434,31 @@ class _Refusal(asyncio.Protocol):
 
 
 class _JsonErrorsSite(web.TCPSite):
-    """A TCPSite whose connections answer parser errors in JSON and stop at `max_connections`."""
+    """A TCPSite whose connections start on the fast path (`agent.fast_http`, unless an access log is
+    wanted: it logs aiohttp's requests only), answer parser errors in JSON and stop at `max_connections`."""
 
-    def __init__(self, runner: web.BaseRunner, config: ServerConfig, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, runner: web.BaseRunner, config: ServerConfig, ssl_context: ssl.SSLContext | None,
+                 front: fast_http.FastFront | None) -> None:
         super().__init__(runner, config.host, config.port, ssl_context=ssl_context, backlog=512)
         self._max_connections = config.max_connections
+        self.front = front
         self.refused_connections = 0
+
+    def _aiohttp_handler(self) -> RequestHandler:
+        server = self._runner.server
+        assert server is not None
+        handler = server()
+        handler.__class__ = _JsonErrorsHandler
+        return handler
 
     def _connection(self) -> asyncio.Protocol:
         server = self._runner.server
         assert server is not None
-        if len(server.connections) >= self._max_connections:
+        front = self.front
+        if len(server.connections) + (len(front.connections) if front else 0) >= self._max_connections:
             self.refused_connections += 1
             return _Refusal(self._max_connections)
-        handler = server()
-        handler.__class__ = _JsonErrorsHandler
-        return handler
+        return front.connection() if front else self._aiohttp_handler()
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -392,6 +477,8 @@ class HttpServer:
         self.config = config or ServerConfig()
         self.app = create_app(dataplane, self.config)
         self._runner: web.AppRunner | None = None
+        #: the fast path's connections (None with an access log); see agent.fast_http
+        self.front: fast_http.FastFront | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -403,8 +490,14 @@ class HttpServer:
         await self._runner.setup()
         server = self._runner.server
         assert server is not None
-        server.request_handler = _fast_infer(self.app, server.request_handler, c.token)
-        site = _JsonErrorsSite(self._runner, c, ssl_context(c))
+        answer = _answer(self.app, c.token)
+        server.request_handler = _fast_infer(server.request_handler, answer)
+        site = _JsonErrorsSite(self._runner, c, ssl_context(c), None)
+        if not c.access_log:
+            site.front = fast_http.FastFront(
+                answer, site._aiohttp_handler, keepalive_timeout_s=c.keepalive_timeout_s,
+                max_line_bytes=c.max_line_bytes, max_field_bytes=c.max_field_bytes, max_headers=c.max_headers)
+        self.front = site.front
         await site.start()
 
     @property
@@ -424,5 +517,7 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.front is not None:
+            self.front.close_all()
         await self.dataplane.close()
         return drained

@@ -10,7 +10,7 @@ The bearer-token check is the app's own middleware, in front of these routes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,23 +34,24 @@ class SharedMemory:
     #: with a token, regions belong to the token presented; without one, to the server
     owner_by_token: bool
 
-    def owner(self, request: web.Request) -> str:
+    def owner(self, headers: Mapping[str, str]) -> str:
+        """`headers`: aiohttp's (any case) or the fast path's (lower-case names)."""
         if not self.owner_by_token:
             return ""
-        return hashlib.sha256(request.headers.get("Authorization", "").encode()).hexdigest()
+        return hashlib.sha256(headers.get("authorization", "").encode()).hexdigest()
 
 
 SHARED_MEMORY = web.AppKey("shared_memory", SharedMemory)
 
 
-def regions_for(app: web.Application, request: web.Request) -> ClientRegions | None:
+def regions_for(app: web.Application, headers: Mapping[str, str]) -> ClientRegions | None:
     """The caller's regions for one inference request; None when the extension is off.
 
-    The app is passed in: inference requests skip the router (`http_server._fast_infer`), so
-    `request.app` is not set on them.
+    The app and the headers are passed in: inference requests skip the router (and may never
+    become an aiohttp request at all: `agent.fast_http`).
     """
     shm = app.get(SHARED_MEMORY)
-    return None if shm is None else ClientRegions(shm.table, shm.owner(request))
+    return None if shm is None else ClientRegions(shm.table, shm.owner(headers))
 
 
 def advertise(app: web.Application, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def _route(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]
             return web.Response(status=404, content_type="application/json", body=protocol.encode_error(
                 "system shared memory is off on this server; start it with `outpost serve --shared-memory`"))
         try:
-            return await handler(request, shm, shm.owner(request))
+            return await handler(request, shm, shm.owner(request.headers))
         except AgentError as e:
             return _error(e)
     return wrapped
