@@ -16,6 +16,12 @@ The queue is bounded: past `max_queue` waiting requests, `submit` raises
 Overloaded at once (503 + Retry-After). A request whose deadline passes, or
 whose caller goes away (task cancelled: a closed connection), is dropped from
 the queue and never reaches the engine.
+
+Per queued request the queue costs a future and a heap entry: one timer serves every
+deadline (armed for the earliest; most requests share the default timeout, so it is armed
+about once per timeout), and the dispatcher is woken by a future of its own only when it
+waits for what just arrived (a first request, or enough items to fill a batch), never per
+request it would not act on.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,7 +42,7 @@ from .errors import AgentError, DeadlineExceeded, InferenceFailed, Overloaded, V
 from .runner import Runner
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BatchResult:
     outputs: dict[str, np.ndarray]
     queue_s: float
@@ -42,15 +50,27 @@ class BatchResult:
     batch_size: int
 
 
-@dataclass(eq=False)
 class _Pending:
-    feeds: dict[str, np.ndarray]
-    items: int
-    #: requests merge only with the same key (dtypes and non-batch dims); None never merges
-    key: tuple[object, ...] | None
-    deadline: float
-    future: asyncio.Future[BatchResult]
-    enqueued: float = field(default_factory=time.monotonic)
+    """One queued request. Its deadline entry outlives it on the heap, so `feeds` is dropped once it answers."""
+
+    __slots__ = ("deadline", "enqueued", "feeds", "future", "items", "key", "queued")
+
+    def __init__(self, feeds: dict[str, np.ndarray], items: int, key: tuple[object, ...] | None, deadline: float,
+                 future: asyncio.Future[BatchResult]) -> None:
+        self.feeds = feeds
+        self.items = items
+        #: requests merge only with the same key (dtypes and non-batch dims); None never merges
+        self.key = key
+        self.deadline = deadline
+        self.future = future
+        self.enqueued = time.monotonic()
+        #: in the queue: False once taken into a batch or dropped from it
+        self.queued = True
+
+
+_NO_FEEDS: dict[str, np.ndarray] = {}
+#: the loop's timers fire on a millisecond clock: a deadline this close is due (as one timer per request was)
+_TIMER_SLACK_S = 0.001
 
 
 BatchObserver = Callable[[int], None]
@@ -69,7 +89,16 @@ class AdaptiveBatcher:
         self.max_request_items = max_request_items or 8 * self.max_batch_size
         self._on_batch = on_batch
         self._queue: collections.deque[_Pending] = collections.deque()
-        self._wakeup: asyncio.Event | None = None
+        #: (deadline, tie-break, request) of every request in _enqueue (and some answered ones, until
+        #: compacted): one timer, armed for the earliest, expires them all
+        self._deadlines: list[tuple[float, int, _Pending]] = []
+        self._order = itertools.count()
+        self._waiting = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        #: set while the dispatcher sleeps: resolved once `_need` more items have been queued
+        self._waiter: asyncio.Future[None] | None = None
+        self._need = 0
         self._slots: asyncio.Semaphore | None = None
         self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,8 +130,12 @@ class AdaptiveBatcher:
     async def close(self) -> None:
         """Stop the dispatcher; queued requests fail, running batches finish."""
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
         while self._queue:
             p = self._queue.popleft()
+            p.queued = False
             if not p.future.done():
                 p.future.set_exception(InferenceFailed(f"model {self.model!r} is unloading"))
         if self._worker is not None:
@@ -141,26 +174,63 @@ class AdaptiveBatcher:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._start(loop)
-        assert self._wakeup is not None
-        key = tuple((k, v.dtype.str, v.shape[1:]) for k, v in feeds.items()) if self.batchable else None
+        key = tuple([(k, v.dtype.str, v.shape[1:]) for k, v in feeds.items()]) if self.batchable else None
         p = _Pending(feeds, items, key, deadline, loop.create_future())
         self._queue.append(p)
-        self._wakeup.set()
-        timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, p)  # loop clocks differ (uvloop)
+        heapq.heappush(self._deadlines, (deadline, next(self._order), p))
+        self._waiting += 1
+        if deadline < self._timer_at:
+            self._arm(loop, deadline)
+        if self._waiter is not None:
+            self._need -= items
+            if self._need <= 0:
+                self._wake()
         try:
             return await p.future
         finally:
-            timer.cancel()
-            if not p.future.done() or p.future.cancelled():
+            self._waiting -= 1
+            p.feeds = _NO_FEEDS  # a batch that took it has merged its feeds already (see _dispatch_forever)
+            if p.queued:  # cancelled while queued (the caller went away): it never reaches the engine
+                p.queued = False
                 with contextlib.suppress(ValueError):
                     self._queue.remove(p)
+            if len(self._deadlines) > 2 * self._waiting + 32:
+                self._compact()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        # a delay, not loop.call_at: loop clocks differ from time.monotonic (uvloop)
+        self._timer = loop.call_later(max(0.0, at - time.monotonic()), self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        heap = self._deadlines
+        due = time.monotonic() + _TIMER_SLACK_S
+        while heap:
+            deadline, _, p = heap[0]
+            if not p.future.done():
+                if deadline > due:
+                    break
+                self._expire(p)
+            heapq.heappop(heap)
+        if heap and self._loop is not None:
+            self._arm(self._loop, heap[0][0])
+
+    def _compact(self) -> None:
+        """Drop answered requests' deadline entries (amortised: the heap stays under ~2x the waiting ones)."""
+        live = [e for e in self._deadlines if not e[2].future.done()]
+        heapq.heapify(live)
+        self._deadlines = live
 
     def _expire(self, p: _Pending) -> None:
         if not p.future.done():
-            where = "queued" if p in self._queue else "computing"
-            p.future.set_exception(DeadlineExceeded(self.model, where=where))
-        with contextlib.suppress(ValueError):
-            self._queue.remove(p)
+            p.future.set_exception(DeadlineExceeded(self.model, where="queued" if p.queued else "computing"))
+        if p.queued:
+            p.queued = False
+            with contextlib.suppress(ValueError):
+                self._queue.remove(p)
 
     def _overloaded(self, wanted: int) -> Overloaded:
         per_batch = self.runner.mean_compute_s or 0.01
@@ -183,7 +253,12 @@ class AdaptiveBatcher:
         """Bind to the running loop (again, if the data plane moved to a new one)."""
         self._loop = loop
         self._busy = 0
-        self._wakeup = asyncio.Event()
+        self._waiter = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
+        self._deadlines = [e for e in self._deadlines if not e[2].future.done()]
+        heapq.heapify(self._deadlines)
         self._slots = asyncio.Semaphore(self.runner.instances)
         self._worker = loop.create_task(self._dispatch_forever(), name=f"batcher-{self.model}")
 
@@ -197,36 +272,58 @@ class AdaptiveBatcher:
                 self._slots.release()
                 raise
             self._busy += 1
-            if self.runner.runs_inline:  # it never suspends: no task, and the engine is idle again at once
-                await self._run(batch)
+            try:  # now, with no await since _take: a request that answers from here on may drop its feeds
+                feeds = batch[0].feeds if len(batch) == 1 else {
+                    k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
+            except Exception as e:
+                self._fail(batch, e)
+                self._busy -= 1
+                self._slots.release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            if self.runner.runs_inline:  # it never suspends: no task, and the engine is idle again at once
+                await self._run(batch, feeds)
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch, feeds))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _collect(self) -> list[_Pending]:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
         while True:
             while not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._sleep(1, None)
             if self.batchable and self._busy > 0 and self.max_queue_delay_s > 0:
-                await self._wait_for_companions(loop)
+                await self._wait_for_companions()
             batch = self._take()
             if batch:
                 return batch
 
-    async def _wait_for_companions(self, loop: asyncio.AbstractEventLoop) -> None:
-        assert self._wakeup is not None
+    async def _wait_for_companions(self) -> None:
         while self._queue:
             first = self._queue[0]
             remaining = first.enqueued + self.max_queue_delay_s - time.monotonic()
-            if remaining <= 0 or sum(p.items for p in self._queue) >= self.max_batch_size:
+            queued = sum(p.items for p in self._queue)
+            if remaining <= 0 or queued >= self.max_batch_size:
                 return
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            await self._sleep(self.max_batch_size - queued, remaining)
+
+    async def _sleep(self, need: int, timeout_s: float | None) -> None:
+        """Until `need` more items are queued (or `timeout_s` passes)."""
+        assert self._loop is not None
+        waiter = self._waiter = self._loop.create_future()
+        self._need = need
+        timer = None if timeout_s is None else self._loop.call_later(timeout_s, self._wake)
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _take(self) -> list[_Pending]:
         """Pop the oldest live request and every compatible one behind it, up to max_batch_size items."""
@@ -236,6 +333,7 @@ class AdaptiveBatcher:
         now = time.monotonic()
         while self._queue:
             p = self._queue.popleft()
+            p.queued = False
             if p.future.done():
                 continue
             if p.deadline <= now:
@@ -250,32 +348,32 @@ class AdaptiveBatcher:
                 batch.append(p)
                 total += p.items
             else:
+                p.queued = True
                 kept.append(p)
             if total >= self.max_batch_size:
                 break
         self._queue.extendleft(reversed(kept))
         return batch
 
-    async def _run(self, batch: list[_Pending]) -> None:
+    async def _run(self, batch: list[_Pending], feeds: dict[str, np.ndarray]) -> None:
         assert self._slots is not None
         started = time.monotonic()
         try:
-            if len(batch) == 1:
-                feeds = batch[0].feeds
-            else:
-                feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
             result = await self.runner.run(feeds)
             total = sum(p.items for p in batch)
             if self._on_batch is not None:
                 self._on_batch(total)
             self._deliver(batch, result.outputs, total, started, result.compute_s)
         except Exception as e:
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(_batch_error(self.model, e, len(batch)))
+            self._fail(batch, e)
         finally:
             self._busy -= 1
             self._slots.release()
+
+    def _fail(self, batch: list[_Pending], e: Exception) -> None:
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(_batch_error(self.model, e, len(batch)))
 
     def _deliver(self, batch: list[_Pending], outputs: dict[str, np.ndarray], total: int, started: float,
                  compute_s: float) -> None:

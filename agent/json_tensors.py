@@ -81,15 +81,19 @@ def _parse(data: bytes | bytearray | memoryview) -> Any:
         raise InvalidRequest(f"malformed JSON: {e}") from None
 
 
+_Object, _Array = simdjson.Object, simdjson.Array
+
+
 def _plain(value: Any) -> Any:
-    if isinstance(value, simdjson.Object):
+    kind = type(value)
+    if kind is _Object:
         return value.as_dict()
-    if isinstance(value, simdjson.Array):
+    if kind is _Array:
         return value.as_list()
     return value
 
 
-def _fields(obj: simdjson.Object, lazy: str | None = None) -> dict[str, Any]:
+def _fields(obj: simdjson.Object, lazy: str) -> dict[str, Any]:
     # keys() then [] instead of items(): items() would turn a big `data` into Python objects
     try:
         return {k: (obj[k] if k == lazy else _plain(obj[k])) for k in obj.keys()}  # noqa: SIM118
@@ -113,13 +117,12 @@ def parse_request_document(data: bytes | bytearray | memoryview) -> Any:
 def _parse_whole(data: bytes | bytearray | memoryview) -> Any:
     try:
         doc = _parse(data)
-        if not isinstance(doc, simdjson.Object):
+        if type(doc) is not _Object:
             return _plain(doc)
-        out = _fields(doc, lazy="inputs")
+        out = _fields(doc, "inputs")
         inputs = out.get("inputs")
-        if isinstance(inputs, simdjson.Array):
-            out["inputs"] = [_fields(i, lazy="data") if isinstance(i, simdjson.Object) else _plain(i)
-                             for i in inputs]
+        if type(inputs) is _Array:
+            out["inputs"] = [_fields(i, "data") if type(i) is _Object else _plain(i) for i in inputs]
         return out
     finally:
         doc = inputs = None  # proxies gone before the parser is reused or dropped

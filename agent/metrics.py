@@ -54,15 +54,16 @@ class TailWindow:
         self._lock = threading.Lock()
 
     def add(self, latency_s: float, now: float) -> None:
-        with self._lock:
-            self._samples.append((now, latency_s))
+        # no lock: deque.append is atomic, and snapshot copies the deque in one C call (list())
+        self._samples.append((now, latency_s))
 
     def snapshot(self, now: float | None = None) -> TailLatency:
         cutoff = (time.monotonic() if now is None else now) - self.window_s
-        with self._lock:
+        with self._lock:  # between snapshots: two trimming at once could pop a fresh sample
             while self._samples and self._samples[0][0] < cutoff:
                 self._samples.popleft()
-            values = np.array([v for _, v in self._samples], dtype=np.float64)
+            samples = list(self._samples)
+        values = np.array([v for _, v in samples], dtype=np.float64)
         if values.size == 0:
             return TailLatency(self.window_s, 0, None, None, None)
         p50, p95, p99 = np.percentile(values, [50, 95, 99]) * 1000.0
@@ -108,11 +109,19 @@ class ModelMetrics:
         self.tail = TailWindow(window_s)
 
     def observe_success(self, queue_s: float, compute_s: float, total_s: float, now: float) -> None:
+        # Histo.observe three times, inline (this runs per request; the buckets are the same)
         self.requests += 1
-        self.queue_s.observe(queue_s)
-        self.compute_s.observe(compute_s)
-        self.total_s.observe(total_s)
-        self.tail.add(total_s, now)
+        bounds = LATENCY_BUCKETS_S
+        h = self.queue_s
+        h.counts[bisect.bisect_left(bounds, queue_s)] += 1
+        h.sum += queue_s
+        h = self.compute_s
+        h.counts[bisect.bisect_left(bounds, compute_s)] += 1
+        h.sum += compute_s
+        h = self.total_s
+        h.counts[bisect.bisect_left(bounds, total_s)] += 1
+        h.sum += total_s
+        self.tail._samples.append((now, total_s))  # TailWindow.add
 
     def observe_failure(self, reason: str) -> None:
         self.requests += 1

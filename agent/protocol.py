@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,12 +175,16 @@ def parse_json(data: bytes | memoryview | str) -> Any:
 def decode_request(body: bytes | bytearray, header_length: str | int | None = None,
                    regions: RegionReader | None = None) -> InferRequest:
     """Decode a v2 inference request body (JSON, or JSON + binary tail; `regions`: inputs by reference)."""
-    header, tail = split_body(body, header_length)
+    if header_length is None or header_length == "":
+        header: bytes | bytearray | memoryview = body
+        tail = _NO_TAIL
+    else:
+        header, tail = split_body(body, header_length)
     doc = json_tensors.parse_request_document(header)
-    if not isinstance(doc, dict):
+    if type(doc) is not dict:
         raise InvalidRequest("the request must be a JSON object")
     raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list):
+    if type(raw_inputs) is not list:
         raise InvalidRequest("'inputs' must be a list")
     offset = 0
     inputs: list[InferInput] = []
@@ -189,17 +193,24 @@ def decode_request(body: bytes | bytearray, header_length: str | int | None = No
         inputs.append(inp)
     if offset != len(tail):
         raise InvalidRequest(f"{len(tail) - offset} bytes of binary data are not claimed by any input")
-    names = [i.name for i in inputs]
-    if len(set(names)) != len(names):
+    if len(inputs) > 1 and len({i.name for i in inputs}) != len(inputs):
         raise InvalidRequest("each input may appear once")
-    params = _params(doc.get("parameters"), "request")
+    raw_params = doc.get("parameters")
+    params = _NO_PARAMS if raw_params is None else _params(raw_params, "request")
     req_id = doc.get("id")
-    if req_id is not None and not isinstance(req_id, str):
+    if req_id is not None and type(req_id) is not str:
         raise InvalidRequest("'id' must be a string")
-    outputs = _decode_outputs(doc.get("outputs"))
-    if regions is None and any(SHM_REGION in o.parameters for o in outputs or ()):  # [shm]
+    raw_outputs = doc.get("outputs")
+    outputs = None if raw_outputs is None else _decode_outputs(raw_outputs)
+    if regions is None and outputs and any(SHM_REGION in o.parameters for o in outputs):  # [shm]
         raise InvalidRequest(_NO_SHM)
     return InferRequest(tuple(inputs), outputs, req_id, params)
+
+
+#: the binary tail of a body without one; the parameters of a request, input or output without any
+#: (shared, never written: decoded objects only ever read their parameters)
+_NO_TAIL = memoryview(b"")
+_NO_PARAMS: dict[str, Any] = {}
 
 
 def _params(raw: object, where: str) -> dict[str, Any]:
@@ -230,41 +241,48 @@ _NO_SHM = "shared-memory tensors are served over HTTP by `outpost serve --shared
 
 def _decode_input(raw: object, tail: memoryview, offset: int,
                   regions: RegionReader | None = None) -> tuple[InferInput, int]:
-    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+    if type(raw) is not dict or type(name := raw.get("name")) is not str:
         raise InvalidRequest("each input must be an object with a string 'name'")
-    name: str = raw["name"]
     datatype = raw.get("datatype")
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
+    dtype = DATATYPES.get(datatype) if type(datatype) is str else None
+    if dtype is None:
         raise ValidationError(name, f"unknown datatype {datatype!r}; expected one of {sorted(DATATYPES)}")
     shape_raw = raw.get("shape")
-    if (not isinstance(shape_raw, list) or len(shape_raw) > MAX_RANK
-            or not all(type(d) is int and d >= 0 for d in shape_raw)):
+    if type(shape_raw) is not list or len(shape_raw) > MAX_RANK or not _dims(shape_raw):
         raise ValidationError(name, f"'shape' must be a list of at most {MAX_RANK} non-negative integers, "
                                     f"got {str(shape_raw)[:80]}")
     shape = tuple(shape_raw)
     count = math.prod(shape)
-    params = _params(raw.get("parameters"), f"input {name!r}")
-    dtype = DATATYPES[datatype]
+    raw_params = raw.get("parameters")
+    params = _NO_PARAMS if raw_params is None else _params(raw_params, f"input {name!r}")
     if count == 0:
         _check_empty_shape(name, shape, dtype)
-    if SHM_REGION in params:  # [shm] by reference: a read-only view of the client's region, no copy
-        if regions is None:
-            raise ValidationError(name, _NO_SHM)
-        array = _from_binary(name, regions(name, params), dtype, shape, count)
-        return InferInput(name, datatype, shape, array, params), offset
-    size = params.get("binary_data_size")
-    if size is not None:
-        if type(size) is not int or size < 0:
-            raise ValidationError(name, "'binary_data_size' must be a non-negative integer")
-        if offset + size > len(tail):
-            raise ValidationError(name, f"binary_data_size {size} runs past the end of the body")
-        chunk = tail[offset:offset + size]
-        array = _from_binary(name, chunk, dtype, shape, count)
-        return InferInput(name, datatype, shape, array, params), offset + size
+    if params:
+        if SHM_REGION in params:  # [shm] by reference: a read-only view of the client's region, no copy
+            if regions is None:
+                raise ValidationError(name, _NO_SHM)
+            array = _from_binary(name, regions(name, params), dtype, shape, count)
+            return InferInput(name, datatype, shape, array, params), offset  # type: ignore[arg-type]
+        size = params.get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0:
+                raise ValidationError(name, "'binary_data_size' must be a non-negative integer")
+            if offset + size > len(tail):
+                raise ValidationError(name, f"binary_data_size {size} runs past the end of the body")
+            chunk = tail[offset:offset + size]
+            array = _from_binary(name, chunk, dtype, shape, count)
+            return InferInput(name, datatype, shape, array, params), offset + size  # type: ignore[arg-type]
     if "data" not in raw:
         raise ValidationError(name, "has neither 'data' nor a 'binary_data_size' parameter")
     array = _from_json(name, raw["data"], dtype, shape, count)
-    return InferInput(name, datatype, shape, array, params), offset
+    return InferInput(name, datatype, shape, array, params), offset  # type: ignore[arg-type]
+
+
+def _dims(shape: list[Any]) -> bool:
+    for d in shape:  # noqa: SIM110 (a loop: all() over a generator costs more than the check)
+        if type(d) is not int or d < 0:
+            return False
+    return True
 
 
 def _check_empty_shape(name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
@@ -331,20 +349,20 @@ def _numbers_from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[
     chunks = json_tensors.numbers_to_numpy(data, dtype.kind)
     if chunks is None:
         return None
-    size = sum(c.size for c in chunks)
+    size = chunks[0].size if len(chunks) == 1 else sum(c.size for c in chunks)
     dims = json_tensors.leading_dims(data)
-    if dims is not None and math.prod(dims) != size:
+    if dims is not None and (dims[0] if len(dims) == 1 else math.prod(dims)) != size:
         raise ValidationError(name, f"'data' is not a regular array: its first rows have lengths {dims} "
                                     f"but it holds {size} numbers")
     if size != count:
         raise ValidationError(name, f"has {size} elements; shape {list(shape)} needs {count}")
-    if dtype.kind in "iu":
+    if dtype.kind in "iu" and chunks[0].dtype != dtype:  # int64/uint64 hold every value they were parsed as
         for c in chunks:
             if c.size:
                 _check_range(name, c, dtype)
     if len(chunks) == 1:
-        with np.errstate(over="ignore"):  # past FP16/FP32's range is Inf, refused later unless allowed
-            return chunks[0].astype(dtype, copy=False).reshape(shape)
+        first = chunks[0]
+        return (first if first.dtype == dtype else _cast(first, dtype)).reshape(shape)
     out = np.empty(count, dtype=dtype)
     pos = 0
     with np.errstate(over="ignore"):
@@ -352,6 +370,12 @@ def _numbers_from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[
             out[pos:pos + c.size] = c
             pos += c.size
     return out.reshape(shape)
+
+
+#: past FP16/FP32's range is Inf, refused later unless allowed (the decorator form of errstate
+#: costs half of a `with` block: this runs once per JSON input)
+_cast: Callable[[np.ndarray, np.dtype[Any]], np.ndarray] = np.errstate(over="ignore")(
+    lambda a, dtype: a.astype(dtype))
 
 
 def _check_range(name: str, array: np.ndarray, dtype: np.dtype[Any]) -> None:
@@ -426,12 +450,13 @@ def _v2(dtype: np.dtype[Any]) -> str:
 def build_response(request: InferRequest, model_name: str, model_version: str,
                    results: Mapping[str, np.ndarray]) -> InferResponse:
     """Pick and order the outputs the request asked for, each binary or JSON as it asked."""
-    default = request.binary_output_default
+    params = request.parameters
+    default = bool(params.get("binary_data_output", False)) if params else False
     if request.outputs is None:
-        outs = tuple(OutputTensor(n, a, default) for n, a in results.items())
+        outs = tuple([OutputTensor(n, a, default) for n, a in results.items()])
     else:
-        outs = tuple(OutputTensor(o.name, results[o.name], default if o.binary is None else o.binary)
-                     for o in request.outputs)
+        outs = tuple([OutputTensor(o.name, results[o.name], default if o.binary is None else o.binary)
+                      for o in request.outputs])
     return InferResponse(model_name, model_version, outs, request.id)
 
 
@@ -474,11 +499,12 @@ def _to_json_data(arr: np.ndarray) -> Any:
     kind = arr.dtype.kind
     if kind in "OUS":
         return [x.decode(errors="backslashreplace") if isinstance(x, bytes) else str(x) for x in arr.ravel().tolist()]
-    flat = np.ascontiguousarray(arr).ravel()
-    if kind == "f" and flat.dtype.itemsize == 2:
-        flat = flat.astype(np.float32)  # exact; orjson writes float16 with fewer guarantees
-    if kind == "f" and not np.isfinite(flat).all():
-        return _with_nonfinite_tokens(flat)
+    flat = arr.reshape(-1) if arr.flags.c_contiguous else np.ascontiguousarray(arr).ravel()
+    if kind == "f":
+        if flat.dtype.itemsize == 2:
+            flat = flat.astype(np.float32)  # exact; orjson writes float16 with fewer guarantees
+        if not all_finite(flat):
+            return _with_nonfinite_tokens(flat)
     return flat
 
 
@@ -494,15 +520,19 @@ def _with_nonfinite_tokens(flat: np.ndarray) -> orjson.Fragment:
     return orjson.Fragment(b"".join(itertools.chain.from_iterable(zip(parts, [*tokens, b""], strict=True))))
 
 
-def count_non_finite(arrays: Sequence[np.ndarray]) -> int:
+def count_non_finite(arrays: Iterable[np.ndarray]) -> int:
     """Non-finite elements across float outputs (the fleet gates on the NaN rate)."""
     bad = 0
     for a in arrays:
-        if a.dtype.kind == "f":
-            finite = np.isfinite(a)
-            if not finite.all():
-                bad += int(a.size - np.count_nonzero(finite))
+        if a.dtype.kind == "f" and not all_finite(a):
+            bad += int(a.size - np.count_nonzero(np.isfinite(a)))
     return bad
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether a float array holds no NaN or Inf (a dot product with zeros would be cheaper on small
+    arrays, but Inf * 0 raises numpy's invalid-value warning, and silencing it costs what it saves)."""
+    return bool(np.isfinite(a).all())
 
 
 def encode_error(message: str) -> bytes:

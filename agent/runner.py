@@ -46,7 +46,7 @@ class EngineSource:
     probe: Probe | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RunResult:
     outputs: dict[str, np.ndarray]
     compute_s: float

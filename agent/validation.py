@@ -14,7 +14,7 @@ import numpy as np
 from bundle import TensorSpec
 
 from .errors import InvalidRequest, ValidationError
-from .protocol import SPEC_DATATYPES, InferRequest
+from .protocol import SPEC_DATATYPES, InferRequest, all_finite
 
 
 def _fmt(shape: Sequence[int | str]) -> str:
@@ -35,11 +35,15 @@ class Validator:
         self._datatypes = {t.name: SPEC_DATATYPES.get(t.dtype, t.dtype) for t in self.inputs}
 
     def feeds(self, request: InferRequest) -> dict[str, np.ndarray]:
-        given = {i.name: i for i in request.inputs}
-        for name in given:
-            if name not in self._datatypes:
-                raise ValidationError(name, f"is not an input of model {self.model!r}; "
-                                            f"it expects {self._input_names}")
+        inputs = request.inputs
+        if len(inputs) == 1 and len(self.inputs) == 1 and inputs[0].name == self.inputs[0].name:
+            given = {inputs[0].name: inputs[0]}  # the common case: no unknown name to look for
+        else:
+            given = {i.name: i for i in inputs}
+            for name in given:
+                if name not in self._datatypes:
+                    raise ValidationError(name, f"is not an input of model {self.model!r}; "
+                                                f"it expects {self._input_names}")
         dims: dict[str, tuple[int, str]] = {}
         feeds: dict[str, np.ndarray] = {}
         for spec in self.inputs:
@@ -50,14 +54,16 @@ class Validator:
             want = self._datatypes[spec.name]
             if inp.datatype != want:
                 raise ValidationError(spec.name, f"expected datatype {want}, got {inp.datatype}")
-            self._check_shape(spec, inp.data.shape, dims)
-            if not self.allow_non_finite and inp.data.dtype.kind == "f" and not np.isfinite(inp.data).all():
-                bad = inp.data.size - int(np.count_nonzero(np.isfinite(inp.data)))
+            data = inp.data
+            self._check_shape(spec, data.shape, dims)
+            if not self.allow_non_finite and data.dtype.kind == "f" and not all_finite(data):
+                bad = data.size - int(np.count_nonzero(np.isfinite(data)))
                 if bad:
                     raise ValidationError(spec.name, f"has {bad} non-finite values (NaN/Inf); "
                                                      "this model does not accept them")
-            feeds[spec.name] = inp.data
-        self.check_outputs(request)
+            feeds[spec.name] = data
+        if request.outputs is not None:
+            self.check_outputs(request)
         return feeds
 
     def check_outputs(self, request: InferRequest) -> None:
@@ -73,13 +79,15 @@ class Validator:
             seen.add(o.name)
 
     def _check_shape(self, spec: TensorSpec, shape: tuple[int, ...], dims: dict[str, tuple[int, str]]) -> None:
-        if len(shape) != len(spec.shape):
-            raise ValidationError(spec.name, f"expected rank {len(spec.shape)} (shape {_fmt(spec.shape)}), "
+        want_shape = spec.shape
+        if len(shape) != len(want_shape):
+            raise ValidationError(spec.name, f"expected rank {len(want_shape)} (shape {_fmt(want_shape)}), "
                                              f"got shape {_fmt(shape)}")
-        for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
+        for axis, want in enumerate(want_shape):
+            got = shape[axis]
             if isinstance(want, int):
                 if want != got:
-                    raise ValidationError(spec.name, f"dimension {axis} must be {want} (shape {_fmt(spec.shape)}), "
+                    raise ValidationError(spec.name, f"dimension {axis} must be {want} (shape {_fmt(want_shape)}), "
                                                      f"got shape {_fmt(shape)}")
                 continue
             if got == 0:

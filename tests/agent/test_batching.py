@@ -166,3 +166,58 @@ async def test_a_model_that_runs_inline_skips_the_queue_and_its_queued_batches_r
     finally:
         await b.close()
         runner.close()
+
+
+async def test_one_deadline_timer_expires_each_queued_request_at_its_own_deadline(make_batcher: Any) -> None:
+    """The batcher arms one timer for the earliest deadline; a request queued later with an earlier
+    deadline still expires first, none before its own deadline, and a long one is served."""
+    make, sizes = make_batcher
+    b = make("cnn", max_batch_size=32)
+    first = asyncio.ensure_future(b.submit({"image": np.zeros((32, 3, 224, 224), np.float32)}, _deadline()))
+    while b.busy_instances == 0:  # 32 images keep the one engine busy for a good while: the rest queue
+        await asyncio.sleep(0)
+    img = np.zeros((1, 3, 224, 224), np.float32)
+    t0 = time.monotonic()
+    later = asyncio.ensure_future(b.submit({"image": img}, t0 + 0.08))
+    sooner = asyncio.ensure_future(b.submit({"image": img}, t0 + 0.02))
+    kept = asyncio.ensure_future(b.submit({"image": img}, _deadline()))
+    done_at: dict[str, float] = {}
+    for name, f in (("sooner", sooner), ("later", later)):
+        f.add_done_callback(lambda _, n=name: done_at.__setitem__(n, time.monotonic()))
+    with pytest.raises(DeadlineExceeded, match="while queued"):
+        await sooner
+    with pytest.raises(DeadlineExceeded, match="while queued"):
+        await later
+    assert not first.done()  # both expired from the queue, not by being reached
+    assert done_at["sooner"] < done_at["later"]
+    slack = 0.0015  # the loop's timers tick in milliseconds
+    assert done_at["sooner"] >= t0 + 0.02 - slack and done_at["later"] >= t0 + 0.08 - slack
+    await first
+    assert (await kept).batch_size == 1
+    assert sizes == [32, 1]  # the expired ones never reached the engine
+
+
+async def test_a_deadline_that_passes_while_the_batch_computes_answers_at_once(make_batcher: Any) -> None:
+    make, _ = make_batcher
+    b = make("cnn", max_batch_size=32)
+    late = asyncio.ensure_future(b.submit({"image": np.zeros((32, 3, 224, 224), np.float32)},
+                                          time.monotonic() + 0.1))
+    while b.busy_instances == 0:
+        await asyncio.sleep(0)
+    with pytest.raises(DeadlineExceeded, match="while computing"):
+        await late
+    assert b.busy_instances == 1  # answered before its batch finished
+    while b.busy_instances:
+        await asyncio.sleep(0.01)
+
+
+async def test_answered_requests_do_not_pile_up_behind_the_deadline_timer(make_batcher: Any, reference: Any) -> None:
+    make, _ = make_batcher
+    b = make("mlp", max_batch_size=4)  # engine time unknown to a fresh runner: every batch queues
+    x = np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32)
+    for _ in range(25):
+        results = await asyncio.gather(*[b.submit({"input": x[i:i + 1]}, _deadline()) for i in range(8)])
+        got = np.concatenate([r.outputs["logits"] for r in results])
+        np.testing.assert_allclose(got, reference("mlp", {"input": x})["logits"], rtol=1e-5, atol=1e-6)
+    assert len(b._deadlines) <= 2 * 8 + 32  # 200 answered requests: their deadline entries were dropped
+    assert b.queue_depth == 0
