@@ -11,7 +11,8 @@ share of it (bench/README.md, "HTTP stacks and the hot path").
 Defences (THREATS 28-35): the body limit is checked against Content-Length
 before anything is read and again while streaming (so a chunked or compressed
 body stops at the limit, 413); a body must fit the byte budget of bodies in
-flight before it is read (`agent.admission`, else 503 + Retry-After); big JSON
+flight before it is read (`agent.admission`: it waits for room a short while,
+first come first served, then 503 + Retry-After); big JSON
 bodies are decoded off the event loop (`agent.decoding`); a body must arrive
 within `body_timeout_s`; header lines, fields, counts and open connections are
 capped; idle keep-alive sockets close; a client that disconnects cancels its
@@ -32,6 +33,7 @@ import hmac
 import logging
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -125,7 +127,7 @@ async def _infer(request: web.Request, app: web.Application, model: str, version
         _check_content_type(request)
         deadline = _deadline(request, sm.config.timeout_ms)
         with app[BUDGET].reservation() as held:  # held until the answer is built
-            body = await _read_body(request, config, held)
+            body = await _read_body(request, config, held, deadline)
             regions = shm.regions_for(app, request)  # [shm] None unless --shared-memory
             req = await decoding.decode_request(body, request.headers.get(HEADER_LENGTH),
                                                 regions.input_view if regions else None)
@@ -172,14 +174,20 @@ def _deadline(request: web.Request, default_ms: float) -> float:
     return deadline_after(min(ms, default_ms))
 
 
-async def _read_body(request: web.Request, config: ServerConfig, held: Reservation) -> bytes | bytearray:
-    """The whole (decompressed) body, reserved in the byte budget before each byte is kept."""
+async def _read_body(request: web.Request, config: ServerConfig, held: Reservation,
+                     deadline: float) -> bytes | bytearray:
+    """The whole (decompressed) body, reserved in the byte budget before each byte is kept.
+
+    Only the Content-Length reservation, made before anything is held, may wait for room
+    (until the deadline at most); a body's growth past that is refused at once (no hold-and-wait).
+    """
     limit = config.max_body_bytes
     length = request.content_length
     if length is not None:
         if length > limit:
             raise PayloadTooLarge(length, limit)
-        held.ensure(length)
+        if not held.try_ensure(length):
+            await held.wait(length, min(config.body_budget_wait_s, deadline - time.monotonic()))
     content = request.content
     try:
         if content.is_eof():  # the whole body came with the headers (every small request): no task, no timer
