@@ -25,6 +25,12 @@ its bytes are already in memory; if two such half-received bodies could wait for
 each other's room, both would sit holding bytes until their timeouts. So growth past
 the room is refused at once (`ensure`).
 
+A waiter whose client goes away is cancelled with its handler and leaves the queue at
+once, when aiohttp sees the close: with a body over its read buffer (~128 KiB) the
+socket is not being read, so the close shows only when room comes (the grant resumes
+reading, which fails at once and returns the bytes) or the wait ends. Either way a
+dead waiter delays the queue no longer than a live one would.
+
 Loop-confined (no lock); a request that fits at once, with nobody waiting, costs two
 comparisons and an addition: no future, task or timer.
 """
