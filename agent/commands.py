@@ -211,6 +211,9 @@ def console_lifecycle(prog: str = "outpost serve") -> Lifecycle:
               help="Default (and longest) deadline of a request; past it, 504.")
 @click.option("--max-body-bytes", default=64 << 20, show_default=True, type=click.IntRange(1024),
               help="Larger request bodies get 413 before they are read.")
+@click.option("--body-budget-wait-s", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="A body that does not fit the budget of bodies in memory (2 x --max-body-bytes) waits this long "
+                   "for room, first come first served (never past its deadline), then gets 503 (0: at once).")
 @click.option("--allow-non-finite", is_flag=True, help="Accept NaN/Inf in float inputs.")
 @click.option("--inline-compute-ms", default=0.2, show_default=True, type=click.FloatRange(0, 1000),
               help="Run batches whose engine time stays below this on the event loop (0: always threads).")
@@ -223,7 +226,8 @@ def console_lifecycle(prog: str = "outpost serve") -> Lifecycle:
 def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tuple[str, ...], token: str | None,
                   tls_cert: str | None, tls_key: str | None, instances: int, threads: int, spin: bool,
                   max_batch_size: int | None, max_queue_delay_ms: float | None, max_queue: int,
-                  timeout_ms: float, max_body_bytes: int, allow_non_finite: bool, inline_compute_ms: float,
+                  timeout_ms: float, max_body_bytes: int, body_budget_wait_s: float, allow_non_finite: bool,
+                  inline_compute_ms: float,
                   drain_timeout_s: float, loop_name: str, shared_memory: bool = False,
                   mqtt_transport: Transport | None = None) -> None:
     """Serve BUNDLE_DIR... over the Open Inference Protocol (KServe v2) on HTTP, and on MQTT with --mqtt."""
@@ -236,7 +240,8 @@ def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tup
         engine_options=EngineOptions(intra_op_threads=threads, allow_spinning=spin),
     )
     server_config = ServerConfig(host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key,
-                                 max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s,
+                                 max_body_bytes=max_body_bytes, body_budget_wait_s=body_budget_wait_s,
+                                 drain_timeout_s=drain_timeout_s,
                                  shared_memory=shared_memory)
     if host not in ("127.0.0.1", "::1", "localhost") and not token:
         click.secho(f"WARNING: listening on {host} without --token: anyone who can reach it can use it.",

@@ -66,6 +66,14 @@ class ServerConfig:
     #: request bodies held at once (reserved before reading); beyond it 503 + Retry-After.
     #: None: 2 x max_body_bytes. JSON decoding costs ~4x a body's size on top, one big body at a time.
     max_inflight_body_bytes: int | None = None
+    #: a body that does not fit that budget waits for room (first come, first served) this long at most, or
+    #: less if its deadline is nearer, then gets 503 + Retry-After; 0 refuses at once. 5 s: room comes back
+    #: as answers are built, and a budget's worth of big bodies is answered in about a second here (a 60 MB
+    #: JSON body decodes in ~0.13 s, a 3.1 MB image in ~12 ms of CPU; bench/README.md), so 5 s spans several
+    #: turnovers even on a slower device and is longer than the Retry-After a refused client would wait and
+    #: then resend its whole body after. A request still waiting then meets an overload, not a burst, and is
+    #: told so rather than held to its 30 s deadline while a connection per waiter piles up.
+    body_budget_wait_s: float = 5.0
     #: open connections; one more is answered 503 and closed
     max_connections: int = 1024
     token: str | None = None
@@ -94,6 +102,8 @@ class ServerConfig:
                               f"max_body_bytes ({self.max_body_bytes}), or a maximal body is never admitted")
         if self.max_connections < 1:
             raise ConfigError(f"max_connections must be >= 1, got {self.max_connections}")
+        if not self.body_budget_wait_s >= 0:
+            raise ConfigError(f"body_budget_wait_s must be >= 0, got {self.body_budget_wait_s}")
 
     @property
     def body_budget_bytes(self) -> int:

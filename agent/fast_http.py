@@ -84,8 +84,8 @@ class Request:
         self.content_length: int | None = len(body)
         self.body = body
 
-    async def read_body(self, config: ServerConfig, held: Reservation) -> bytes | bytearray:
-        held.ensure(len(self.body))
+    async def read_body(self, config: ServerConfig, held: Reservation, deadline: float) -> bytes | bytearray:
+        await held.admit(len(self.body), config.body_budget_wait_s, deadline)
         return self.body
 
 

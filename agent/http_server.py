@@ -15,7 +15,8 @@ stacks and the hot path"). Both paths answer through one function (`_answer` ->
 Defences (THREATS 28-35): the body limit is checked against Content-Length
 before anything is read and again while streaming (so a chunked or compressed
 body stops at the limit, 413); a body must fit the byte budget of bodies in
-flight before it is read (`agent.admission`, else 503 + Retry-After); big JSON
+flight before it is read (`agent.admission`: it waits for room a short while,
+first come first served, then 503 + Retry-After); big JSON
 bodies are decoded off the event loop (`agent.decoding`); a body must arrive
 within `body_timeout_s`; header lines, fields, counts and open connections are
 capped; idle keep-alive sockets close; a client that disconnects cancels its
@@ -157,8 +158,8 @@ class Incoming(Protocol):
     @property
     def content_length(self) -> int | None: ...
 
-    async def read_body(self, config: ServerConfig, held: Reservation) -> bytes | bytearray:
-        """The whole body, reserved in `held` before each byte is kept."""
+    async def read_body(self, config: ServerConfig, held: Reservation, deadline: float) -> bytes | bytearray:
+        """The whole body, reserved in `held` before each byte is kept (waiting for room until `deadline`)."""
 
 
 class _AiohttpIncoming:
@@ -175,8 +176,8 @@ class _AiohttpIncoming:
     def content_length(self) -> int | None:
         return self.request.content_length
 
-    async def read_body(self, config: ServerConfig, held: Reservation) -> bytes | bytearray:
-        return await _read_body(self.request, config, held)
+    async def read_body(self, config: ServerConfig, held: Reservation, deadline: float) -> bytes | bytearray:
+        return await _read_body(self.request, config, held, deadline)
 
 
 async def _infer(request: Incoming, app: web.Application, model: str, version: str | None) -> Reply:
@@ -191,7 +192,7 @@ async def _infer(request: Incoming, app: web.Application, model: str, version: s
         if length is not None and length > config.max_body_bytes:
             raise PayloadTooLarge(length, config.max_body_bytes)
         with app[BUDGET].reservation() as held:  # held until the answer is built
-            body = await request.read_body(config, held)
+            body = await request.read_body(config, held, deadline)
             regions = shm.regions_for(app, headers)  # [shm] None unless --shared-memory
             req = await decoding.decode_request(body, headers.get(_HEADER_LENGTH_KEY),
                                                 regions.input_view if regions else None)
@@ -244,12 +245,17 @@ def _deadline(raw: str | None, default_ms: float) -> float:
     return deadline_after(min(ms, default_ms))
 
 
-async def _read_body(request: web.Request, config: ServerConfig, held: Reservation) -> bytes | bytearray:
-    """The whole (decompressed) body, reserved in the byte budget before each byte is kept."""
+async def _read_body(request: web.Request, config: ServerConfig, held: Reservation,
+                     deadline: float) -> bytes | bytearray:
+    """The whole (decompressed) body, reserved in the byte budget before each byte is kept.
+
+    Only the Content-Length reservation, made before anything is held, may wait for room
+    (until the deadline at most); a body's growth past that is refused at once (no hold-and-wait).
+    """
     limit = config.max_body_bytes
     length = request.content_length
     if length is not None:
-        held.ensure(length)
+        await held.admit(length, config.body_budget_wait_s, deadline)
     content = request.content
     try:
         if content.is_eof():  # the whole body came with the headers (every small request): no task, no timer

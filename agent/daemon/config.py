@@ -34,6 +34,7 @@ config file's directory. `agent/daemon/agent.example.toml` lists every key.
     port = 8000
     token = ""                     # require Authorization: Bearer TOKEN ("": none; loopback only then)
     drain_timeout_s = 20.0
+    body_budget_wait_s = 5.0       # a body over the in-memory budget waits this long for room, then 503
 
     [model]                         # serving knobs of every model, as `outpost serve`
     instances = 1
@@ -103,6 +104,7 @@ class HttpConfig:
     port: int = 8000
     token: str = ""
     drain_timeout_s: float = 20.0
+    body_budget_wait_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,8 @@ class AgentConfig:
 
     def server_config(self) -> ServerConfig:
         h = self.http
-        return ServerConfig(host=h.host, port=h.port, token=h.token or None, drain_timeout_s=h.drain_timeout_s)
+        return ServerConfig(host=h.host, port=h.port, token=h.token or None, drain_timeout_s=h.drain_timeout_s,
+                            body_budget_wait_s=h.body_budget_wait_s)
 
 
 def _section(cls: type[Any], raw: Any, where: str) -> Any:

@@ -4,7 +4,9 @@ The real `outpost serve` process with the 224x224 CNN; eight clients (in a child
 so their work does not share this process's GIL with the probes) each post a 60 MB JSON
 body at once. Meanwhile this process samples the server's RSS with psutil and times
 `/v2/health/live` on a kept-alive connection every 10 ms. Before the byte budget and
-off-loop decoding, one such body cost +626 MiB RSS and stalled health for 1.8 s.
+off-loop decoding, one such body cost +626 MiB RSS and stalled health for 1.8 s. The
+budget holds two such bodies; the others wait for room, unread (so they cost no memory),
+and are served, or answered 503 if none came within `body_budget_wait_s`.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def test_eight_concurrent_60mb_json_bodies_keep_rss_under_1gib_and_health_fast(
               f"over {len(probe.latencies)} probes (max before the load: {idle_worst * 1000:.1f} ms; "
               f"load average {psutil.getloadavg()[0]:.1f})")
     print(report)
-    # every body was either served exactly-shaped or refused before it was read, never a 5xx but 503
+    # every body was either served exactly-shaped or refused (after waiting) before it was read, never another 5xx
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 1, (report, results)
     for status, retry_after, error, shape in results:
         if status == 200:

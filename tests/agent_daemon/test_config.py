@@ -57,3 +57,13 @@ def test_paths_are_relative_to_the_config_file(tmp_path: pathlib.Path) -> None:
     assert c.fleet_key == (tmp_path / "etc" / "fleet-assignment.pub").resolve()
     assert c.trust == ((tmp_path / "etc" / "keys" / "a.pub").resolve(),)
     assert c.sync.long_poll_s == 5.0 and isinstance(c.sync.long_poll_s, float)
+
+
+def test_server_section_reaches_the_http_edge(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('[agent]\ntrust = ["k.pub"]\n[server]\nbody_budget_wait_s = 0.5\ndrain_timeout_s = 3\n')
+    server = cfg.load(path).server_config()
+    assert server.body_budget_wait_s == 0.5 and server.drain_timeout_s == 3.0
+    path.write_text('[agent]\ntrust = ["k.pub"]\n[server]\nbody_budget_wait_s = -1.0\n')
+    with pytest.raises(ConfigError, match="body_budget_wait_s must be >= 0"):
+        cfg.load(path).server_config()
