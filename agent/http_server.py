@@ -49,6 +49,7 @@ from .admission import ByteBudget, Reservation
 from .config import ServerConfig
 from .dataplane import DataPlane, deadline_after
 from .errors import AgentError, InferenceFailed, InvalidRequest, PayloadTooLarge, Unauthorized, Unavailable
+from .http_metrics import HttpEdgeCollector
 from .shm import routes as shm  # [shm] Triton's system shared-memory extension
 
 log = logging.getLogger(__name__)
@@ -485,6 +486,7 @@ class HttpServer:
         self._runner: web.AppRunner | None = None
         #: the fast path's connections (None with an access log); see agent.fast_http
         self.front: fast_http.FastFront | None = None
+        self._collector: HttpEdgeCollector | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -504,6 +506,8 @@ class HttpServer:
                 answer, site._aiohttp_handler, keepalive_timeout_s=c.keepalive_timeout_s,
                 max_line_bytes=c.max_line_bytes, max_field_bytes=c.max_field_bytes, max_headers=c.max_headers)
         self.front = site.front
+        self._collector = HttpEdgeCollector(self.app[BUDGET], site.front, lambda: site.refused_connections)
+        self.dataplane.metrics.registry.register(self._collector)
         await site.start()
 
     @property
@@ -525,5 +529,8 @@ class HttpServer:
             self._runner = None
         if self.front is not None:
             self.front.close_all()
+        if self._collector is not None:
+            self.dataplane.metrics.registry.unregister(self._collector)
+            self._collector = None
         await self.dataplane.close()
         return drained

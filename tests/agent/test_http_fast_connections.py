@@ -71,6 +71,10 @@ async def test_plain_inference_is_served_on_the_fast_path_with_keep_alive(
         np.testing.assert_array_equal(logits(body), want)
     assert (front.served, front.handed_off) == (2, 0)
     assert len(front.connections) == 1
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")  # handed off: aiohttp serves the rest
+    status, _, body = await read_response(reader)
+    assert status == 200
+    assert b"outpost_http_fast_requests_total 2.0" in body and b"outpost_http_fast_handed_off_total 1.0" in body
     writer.close()
 
 
