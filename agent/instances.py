@@ -16,7 +16,10 @@ Why these rules:
 - CPU, tiny model (warm-up batch under `COMPUTE_BOUND_S`): one instance at the
   runtime's default threads. Such a model runs inline on the event loop
   (`ModelConfig.inline_compute_ms`), so a second instance would only hold
-  memory; the idle-RSS budget (1.2x a minimal aiohttp server) has no room for it.
+  memory and threads. (The timing warm-up itself leaves ORT's first arena
+  chunk allocated, which a first request would allocate anyway: the MLP's
+  idle RSS is 103.5 MiB against 100.7 without it, 1.19x a minimal aiohttp
+  server's 87 MiB.)
 - CPU, compute-bound model, at least 2 cores and memory for the copies:
   `AUTO_INSTANCES` (2) instances, the cores split between them (cores // 2
   intra-op threads each). Triton defaults a KIND_CPU instance group of the
@@ -38,11 +41,23 @@ Why these rules:
   instances may take at most `MEMORY_SHARE` of the memory available at load,
   else the model gets one instance.
 
-Measured on the 2-core VM with `bench/instances_bench.py` (the ~1 GFLOP CNN over
-shared memory; figures in bench/README.md, "Engine instances on the CPU"): two
-single-threaded instances beat one instance with ORT's two threads at
-concurrency 8, and cost a single request only a little (one thread instead of
-two, while the event loop needs the other core anyway).
+The price is a lone request's latency: on one thread the CNN's batch of one
+takes 1.66x as long as on two (bare ORT, best of 150 calls each on this VM:
+6.85 vs 4.12 ms). A "solo" engine at ORT's threads, taken only while no other
+batch runs, was tried and dropped: it brought c=1 back (5.6 ms) but cost the
+CNN 47 MiB of idle RSS and, while it ran alone, starved the event loop again
+(health answers up to 107-140 ms during tests/agent/test_http_memory.py's
+load, over its 100 ms bound).
+
+Measured on the 2-core VM, shared with other test runs (load average 3-7), with
+`python bench/instances_bench.py --duration 3 --repeats 3` (the ~1 GFLOP CNN,
+image in shared memory; bench/README.md, "Engine instances on the CPU"):
+server CPU per image at concurrency 8, the figure other processes disturb
+least, was 10.6-13.4 ms for one instance at ORT's threads, 9.0-10.9 ms for two
+single-threaded instances and 11.5-12.7 ms for two with two threads each;
+images/s over bare ORT's best at c=8: 0.80x / 0.87x / 0.54x (one instance)
+against 1.04x / 1.07x / 0.68x (2 x 1) in three runs. c=1 p50 in the quieter
+runs: 7.0-8.4 ms (one instance) against 8.4-10.3 ms (2 x 1).
 """
 
 from __future__ import annotations
