@@ -35,9 +35,11 @@ from engines import EngineOptions
 from runtime import LoopUnavailable, run_loop, stop_on_signals
 from runtime.sdnotify import Notifier
 
-from .config import ModelConfig, ServerConfig
+from .config import AUTO, ModelConfig, ServerConfig, instances_setting, threads_setting
 from .dataplane import DataPlane
+from .errors import ConfigError
 from .http_server import HttpServer
+from .instances import Placement
 from .mqtt.commands import mqtt_options
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,8 @@ def console_lifecycle(prog: str = "outpost serve") -> Lifecycle:
     """The lines `outpost serve` prints on stderr at each stage."""
 
     def ready(dataplane: DataPlane, server: HttpServer, took_s: float) -> None:
-        names = ", ".join(f"{sm.name}@{sm.version} ({sm.runner.backend}, batch {sm.max_batch_size})"
+        names = ", ".join(f"{sm.name}@{sm.version} ({sm.runner.backend}, {_instances(sm.runner.placement)}, "
+                          f"batch {sm.max_batch_size})"
                           for sm in dataplane.active_models()) or "none"
         click.echo(f"{prog}: ready on {server.url} in {took_s:.2f} s; models: {names}", err=True)
         for sm in dataplane.active_models():
@@ -188,6 +191,23 @@ def console_lifecycle(prog: str = "outpost serve") -> Lifecycle:
         f"{prog}: stopping (draining in-flight requests)", err=True), on_stopped=stopped, on_load_failed=load_failed)
 
 
+def _instances(p: Placement) -> str:
+    """'2x1 threads' for the ready line; the reason is in the model's metadata and the load log."""
+    return f"{p.instances}x{p.threads or 'default'} threads"
+
+
+def _auto_setting(parse: Callable[[object], int | None]) -> Callable[[click.Context, click.Parameter, str], int | None]:
+    """A click callback: "auto" or a number, parsed by the same function as the daemon's TOML key."""
+
+    def convert(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+        try:
+            return parse(value)
+        except ConfigError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+
+    return convert
+
+
 @click.command("serve")
 @click.argument("bundle_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; loopback by default.")
@@ -197,10 +217,13 @@ def console_lifecycle(prog: str = "outpost serve") -> Lifecycle:
 @click.option("--token", envvar="OUTPOST_TOKEN", help="Require 'Authorization: Bearer TOKEN' (env OUTPOST_TOKEN).")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="TLS certificate (PEM).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM).")
-@click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Engine instances per model (batches computing at once).")
-@click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
-              help="Intra-op threads per instance (0: one per core).")
+@click.option("--instances", default=AUTO, show_default=True, metavar="auto|N",
+              callback=_auto_setting(instances_setting),
+              help="Engine instances per model (batches computing at once); auto or 0: per model at load "
+                   "(2 for a compute-bound model on a multi-core CPU, else 1).")
+@click.option("--threads", default=AUTO, show_default=True, metavar="auto|N",
+              callback=_auto_setting(threads_setting),
+              help="Intra-op threads per instance (0: one per core); auto: the cores split between the instances.")
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="Let ORT threads spin between calls: faster on tiny models, burns idle cores.")
 @click.option("--max-batch-size", type=click.IntRange(1, 4096), help="Override the manifest's max_batch_size.")
@@ -224,7 +247,7 @@ def console_lifecycle(prog: str = "outpost serve") -> Lifecycle:
               help="Accept tensors in POSIX shared memory (Triton's system shared-memory extension; local clients).")
 @mqtt_options
 def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tuple[str, ...], token: str | None,
-                  tls_cert: str | None, tls_key: str | None, instances: int, threads: int, spin: bool,
+                  tls_cert: str | None, tls_key: str | None, instances: int | None, threads: int | None, spin: bool,
                   max_batch_size: int | None, max_queue_delay_ms: float | None, max_queue: int,
                   timeout_ms: float, max_body_bytes: int, body_budget_wait_s: float, allow_non_finite: bool,
                   inline_compute_ms: float,
@@ -234,10 +257,9 @@ def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tup
     started = time.monotonic()
     bundles = load_bundles(bundle_dirs, trust)
     model_config = ModelConfig(
-        instances=instances, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+        instances=instances, threads=threads, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
         max_queue=max_queue, timeout_ms=timeout_ms, allow_non_finite_inputs=allow_non_finite,
-        inline_compute_ms=inline_compute_ms,
-        engine_options=EngineOptions(intra_op_threads=threads, allow_spinning=spin),
+        inline_compute_ms=inline_compute_ms, engine_options=EngineOptions(allow_spinning=spin),
     )
     server_config = ServerConfig(host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key,
                                  max_body_bytes=max_body_bytes, body_budget_wait_s=body_budget_wait_s,

@@ -18,6 +18,11 @@ from .errors import ConfigError
 class ModelConfig:
     """How one model is served on this device.
 
+    instances: engine instances (batches computing at once); None: decided per model at
+      load (agent.instances: one on a GPU or for a tiny model, two for a compute-bound
+      model on a multi-core CPU).
+    threads: intra-op threads per instance, 0 one per core; None: decided with the
+      instances (the cores split between them). Replaces engine_options.intra_op_threads.
     max_batch_size / max_queue_delay_ms: None keeps the bundle manifest's value.
     max_queue: requests waiting per model before new ones get 503 + Retry-After.
     max_request_items: a request whose own batch is above max_batch_size is split
@@ -32,7 +37,8 @@ class ModelConfig:
       abandoned at its deadline, which matters only if a sub-millisecond model hangs.
     """
 
-    instances: int = 1
+    instances: int | None = None
+    threads: int | None = None
     max_batch_size: int | None = None
     max_queue_delay_ms: float | None = None
     max_queue: int = 128
@@ -44,8 +50,10 @@ class ModelConfig:
     engine_options: EngineOptions = field(default_factory=EngineOptions)
 
     def __post_init__(self) -> None:
-        if self.instances < 1:
-            raise ConfigError(f"instances must be >= 1, got {self.instances}")
+        if self.instances is not None and self.instances < 1:
+            raise ConfigError(f"instances must be >= 1 (or None: auto), got {self.instances}")
+        if self.threads is not None and self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (or None: auto), got {self.threads}")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue_delay_ms is not None and self.max_queue_delay_ms < 0:
@@ -54,6 +62,31 @@ class ModelConfig:
             raise ConfigError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.timeout_ms <= 0:
             raise ConfigError(f"timeout_ms must be > 0, got {self.timeout_ms}")
+
+
+AUTO = "auto"
+
+
+def instances_setting(value: object) -> int | None:
+    """`--instances` / `[model] instances`: "auto" or 0 decide per model (None); 1..64 is kept."""
+    return _auto_int(value, "instances", 0, 64, zero_is_auto=True)
+
+
+def threads_setting(value: object) -> int | None:
+    """`--threads` / `[model] threads`: "auto" decides with the instances (None); 0 is one per core."""
+    return _auto_int(value, "threads", 0, 256, zero_is_auto=False)
+
+
+def _auto_int(value: object, what: str, lo: int, hi: int, *, zero_is_auto: bool) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
+        return None
+    try:
+        n = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        n = None
+    if n is None or not lo <= n <= hi:
+        raise ConfigError(f"{what} must be \"auto\" or a whole number from {lo} to {hi}, got {value!r}")
+    return None if zero_is_auto and n == 0 else n
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ one); None applies the model's default `timeout_ms`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from .protocol import SPEC_DATATYPES, InferRequest, InferResponse, build_respons
 from .runner import EngineSource, Runner
 from .validation import Validator, batch_dim
 
+log = logging.getLogger(__name__)
 SERVER_NAME = "outpost"
 EXTENSIONS = ("binary_tensor_data",)
 
@@ -110,7 +112,8 @@ class ServedModel:
         outpost: dict[str, Any] = {
             "bundle": self.bundle.manifest.ref, "digest": self.bundle.digest, "signer": self.bundle.signer,
             "verified": self.verified, "ready": True, "backend": self.runner.backend,
-            "instances": self.runner.instances, "max_batch_size": self.max_batch_size,
+            "instances": self.runner.instances, "threads": self.runner.placement.threads,
+            "placement": self.runner.placement.reason, "max_batch_size": self.max_batch_size,
             "max_queue_delay_ms": self.max_queue_delay_ms, "max_queue": self.config.max_queue,
             "parity": {"checked": note is None, "note": note},
         }
@@ -227,8 +230,10 @@ class DataPlane:
         batching = manifest.serving.batching
         max_batch = config.max_batch_size if config.max_batch_size is not None else batching.max_batch_size
         delay_ms = config.max_queue_delay_ms if config.max_queue_delay_ms is not None else batching.max_queue_delay_ms
-        runner = Runner.open(bundle, entry, instances=config.instances, options=config.engine_options,
-                             backend=config.backend, source=source, inline_compute_ms=config.inline_compute_ms)
+        runner = Runner.open(bundle, entry, instances=config.instances, threads=config.threads,
+                             options=config.engine_options, backend=config.backend, source=source,
+                             inline_compute_ms=config.inline_compute_ms)
+        log.info("%s: %s", name, runner.placement.describe())
         m = self.metrics.new_model(name, manifest.version, runner.backend)
         batcher = AdaptiveBatcher(
             runner, max_batch_size=max_batch, max_queue_delay_ms=delay_ms, max_queue=config.max_queue,

@@ -13,7 +13,7 @@ import queue
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +22,11 @@ from bundle import TensorSpec, VerifiedBundle
 from engines import Engine, EngineCache, EngineError, EngineOptions, EngineResult, Fallback, Probe, open_engine
 
 from .errors import InferenceFailed
+from .instances import Placement, available_cores, available_memory, choose
+
+#: warm-up calls that time the first engine when its instance count is to be decided (the first one
+#: pays for lazy allocations; the faster of the two is the engine's time per batch)
+_TIMED_WARMUPS = 2
 
 
 class EngineFactory(Protocol):
@@ -54,7 +59,8 @@ class RunResult:
 
 class Runner:
     def __init__(self, model: str, engines: Sequence[Engine], backend: str, inline_compute_ms: float = 0.0,
-                 *, parity_note: str | None = None, fallbacks: Sequence[Fallback] = ()) -> None:
+                 *, parity_note: str | None = None, fallbacks: Sequence[Fallback] = (),
+                 placement: Placement | None = None) -> None:
         if not engines:
             raise ValueError("a runner needs at least one engine")
         self.model = model
@@ -66,6 +72,8 @@ class Runner:
         self.inputs: tuple[TensorSpec, ...] = engines[0].inputs
         self.outputs: tuple[TensorSpec, ...] = engines[0].outputs
         self.instances = len(engines)
+        #: instances and intra-op threads each, and why (metadata, the load log line)
+        self.placement = placement or Placement(self.instances, 0, "explicit")
         self._engines = list(engines)
         self._free: queue.SimpleQueue[Engine] = queue.SimpleQueue()
         for e in engines:
@@ -76,27 +84,55 @@ class Runner:
         self._closed = False
 
     @classmethod
-    def open(cls, bundle: VerifiedBundle, model: str | None = None, *, instances: int = 1,
-             options: EngineOptions | None = None, backend: str = "auto",
+    def open(cls, bundle: VerifiedBundle, model: str | None = None, *, instances: int | None = 1,
+             threads: int | None = None, options: EngineOptions | None = None, backend: str = "auto",
              source: EngineSource | None = None, inline_compute_ms: float = 0.0) -> Runner:
-        """Load `instances` engines for one model of a verified bundle (blocking)."""
+        """Load the engines of one model of a verified bundle (blocking).
+
+        `instances` / `threads` (intra-op threads per instance; 0 one per core):
+        a number is kept, None is decided by `agent.instances.choose` once the
+        first engine is loaded, from its kind, its warm-up time per batch, the
+        cores and the memory. Deciding may load that first engine twice: it is
+        warmed with the given threads, and replaced if the decision differs
+        (a cache hit, so a second session's load, not a build).
+        """
         source = source or EngineSource()
+        options = options or EngineOptions()
+        if threads is not None:
+            options = replace(options, intra_op_threads=threads)
         entry = bundle.manifest.model(model)
         engines: list[Engine] = []
-        chosen, note = backend, None
-        fallbacks: list[Fallback] = []
+
+        def load(opts: EngineOptions) -> EngineResult:
+            result = source.factory(bundle, entry.name, backend=backend, options=opts,
+                                    cache_dir=source.cache_dir, probe=source.probe)
+            engines.append(result.engine)
+            return result
+
         try:
-            for _ in range(instances):
-                result = source.factory(bundle, entry.name, backend=backend, options=options,
-                                        cache_dir=source.cache_dir, probe=source.probe)
-                engines.append(result.engine)
-                chosen, note = result.backend, result.parity_note
-                fallbacks = list(result.fallbacks)
+            if instances is not None and threads is not None:
+                placement = Placement(instances, threads, "explicit")
+                first = load(options)
+            else:
+                # the warm-up times a batch: how compute-bound the model is
+                timed = replace(options, warmup_iterations=max(options.warmup_iterations, _TIMED_WARMUPS))
+                first = load(timed if instances is None else options)
+                placement = choose(
+                    uses_gpu=first.engine.uses_gpu, cores=available_cores(), batch_s=first.warmup_s,
+                    model_bytes=sum(bundle.files[rel].size for rel, _ in bundle.model_sources(entry.name)),
+                    available_bytes=available_memory(), instances=instances, threads=threads)
+                if placement.threads != options.intra_op_threads:  # the first one has the wrong thread count
+                    engines.pop().close()
+                    options = replace(options, intra_op_threads=placement.threads)
+                    first = load(options)
+            while len(engines) < placement.instances:
+                load(options)
         except BaseException:
             for e in engines:
                 e.close()
             raise
-        return cls(entry.name, engines, chosen, inline_compute_ms, parity_note=note, fallbacks=fallbacks)
+        return cls(entry.name, engines, first.backend, inline_compute_ms, parity_note=first.parity_note,
+                   fallbacks=first.fallbacks, placement=placement)
 
     def run_sync(self, feeds: Mapping[str, np.ndarray]) -> RunResult:
         engine = self._free.get()

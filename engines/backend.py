@@ -115,8 +115,6 @@ class CompiledEngine(Engine):
     #: which manifest `serving.engines` entry this backend serves: "tensorrt" | "cuda" | "cpu"
     #: (named apart from the failure tags called `kind` elsewhere in this package)
     engine_kind: str = ""
-    #: whether the cache key includes the GPU (model and compute capability)
-    uses_gpu: bool = False
 
     @classmethod
     @abc.abstractmethod

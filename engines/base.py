@@ -11,6 +11,7 @@ only checks that it got exactly the names it needs.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -67,6 +68,8 @@ class Engine(abc.ABC):
 
     #: registry name, e.g. "ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"
     backend: str = ""
+    #: whether it computes on a GPU (the cache key includes the GPU; the agent gives it one instance)
+    uses_gpu: bool = False
 
     def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
         self.inputs: tuple[TensorSpec, ...] = tuple(inputs)
@@ -100,11 +103,18 @@ class Engine(abc.ABC):
             raise InferenceError(f"unknown outputs {unknown}; the model has {list(self._output_names)}")
         return self.infer_impl(feeds, wanted)
 
-    def warmup(self, feeds: Mapping[str, np.ndarray], iterations: int = 1) -> None:
+    def warmup(self, feeds: Mapping[str, np.ndarray], iterations: int = 1) -> float:
         """Run a few requests before serving: lazy allocations and kernel autotuning
-        (cuDNN, TensorRT tactics) happen here rather than in a user's first request."""
+        (cuDNN, TensorRT tactics) happen here rather than in a user's first request.
+
+        Returns the fastest call's seconds: the warmed engine's time per batch at
+        these sizes (the agent sizes a model's instances from it)."""
+        best = float("inf")
         for _ in range(iterations):
+            t0 = time.perf_counter()
             self.infer(feeds)
+            best = min(best, time.perf_counter() - t0)
+        return best
 
     def close(self) -> None:
         if self._loaded:

@@ -96,6 +96,8 @@ class EngineResult:
     #: the parity report of the build behind this engine (also on a cache hit): `checked` False with
     #: a `note` when the model rejected every synthesized input
     parity: dict[str, Any] | None = None
+    #: the fastest warm-up call's seconds (`EngineOptions.warmup_iterations`); None when there was none
+    warmup_s: float | None = None
 
     @property
     def parity_note(self) -> str | None:
@@ -199,21 +201,23 @@ def open_engine(bundle: VerifiedBundle, model: str | None = None, backend: str =
     raise BackendUnavailable(f"no engine could be built for model {the_plan.model}: {reasons}", fallbacks)
 
 
-def _load(step: PlannedBackend, ctx: BuildContext, path: pathlib.Path, report: dict[str, Any] | None) -> Engine:
+def _load(step: PlannedBackend, ctx: BuildContext, path: pathlib.Path,
+          report: dict[str, Any] | None) -> tuple[Engine, float | None]:
+    """The loaded engine, and its fastest warm-up call in seconds (None: no warm-up)."""
     engine = backend_class(step.backend).from_entry(ctx, path)
     engine.load()
-    if ctx.options.warmup_iterations:
-        parity = (report or {}).get("parity") or {}
-        if parity.get("checked", True) is False:
-            log.warning("%s engine for %s: warm-up skipped, %s", step.backend, ctx.model_file, parity.get("note"))
-            return engine
-        try:  # at the sizes the build's check ran with: synthesized defaults may be what the model rejects
-            feeds = generate_inputs(ctx.inputs, ctx.profile, dims=parity.get("dims") or None)
-            engine.warmup(feeds, ctx.options.warmup_iterations)
-        except EngineError as e:
-            engine.close()
-            raise EngineLoadError(f"{step.backend}: warm-up failed: {e}") from e
-    return engine
+    if not ctx.options.warmup_iterations:
+        return engine, None
+    parity = (report or {}).get("parity") or {}
+    if parity.get("checked", True) is False:
+        log.warning("%s engine for %s: warm-up skipped, %s", step.backend, ctx.model_file, parity.get("note"))
+        return engine, None
+    try:  # at the sizes the build's check ran with: synthesized defaults may be what the model rejects
+        feeds = generate_inputs(ctx.inputs, ctx.profile, dims=parity.get("dims") or None)
+        return engine, engine.warmup(feeds, ctx.options.warmup_iterations)
+    except EngineError as e:
+        engine.close()
+        raise EngineLoadError(f"{step.backend}: warm-up failed: {e}") from e
 
 
 def _note_unchecked(step: PlannedBackend, ctx: BuildContext, report: dict[str, Any] | None) -> None:
@@ -228,17 +232,17 @@ def _realize(step: PlannedBackend, ctx: BuildContext, cache: EngineCache, sample
     found = cache.lookup(step.key)
     if found.path is not None:
         try:
-            engine = _load(step, ctx, found.path, _build_of(found.meta))
+            loaded = _load(step, ctx, found.path, _build_of(found.meta))
         except EngineLoadError as e:  # verified yet unloadable: a runtime change the key missed
             log.warning("cached %s engine did not load (%s); rebuilding", step.backend, e)
         else:
-            return _hit(step, ctx, cache, found.path, found.meta, engine, fallbacks, t0)
+            return _hit(step, ctx, cache, found.path, found.meta, loaded, fallbacks, t0)
     with cache.building(step.key, timeout_s=ctx.options.build_timeout_s * 2):
         found = cache.lookup(step.key)  # another process may have built it while we waited
         if found.path is not None:
             try:
-                engine = _load(step, ctx, found.path, _build_of(found.meta))
-                return _hit(step, ctx, cache, found.path, found.meta, engine, fallbacks, t0)
+                loaded = _load(step, ctx, found.path, _build_of(found.meta))
+                return _hit(step, ctx, cache, found.path, found.meta, loaded, fallbacks, t0)
             except EngineLoadError:
                 pass
         if found.reason:
@@ -255,8 +259,9 @@ def _realize(step: PlannedBackend, ctx: BuildContext, cache: EngineCache, sample
     if removed:
         log.info("engine cache over its size bound: evicted %s", ", ".join(removed))
     _note_unchecked(step, ctx, report)
-    engine = _load(step, ctx, path, report)
-    return EngineResult(engine, step.backend, fallbacks, False, report, time.perf_counter() - t0, report["parity"])
+    engine, warmup_s = _load(step, ctx, path, report)
+    return EngineResult(engine, step.backend, fallbacks, False, report, time.perf_counter() - t0, report["parity"],
+                        warmup_s)
 
 
 def _build_of(meta: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -265,10 +270,12 @@ def _build_of(meta: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _hit(step: PlannedBackend, ctx: BuildContext, cache: EngineCache, path: pathlib.Path,
-         meta: dict[str, Any] | None, engine: Engine, fallbacks: list[Fallback], t0: float) -> EngineResult:
+         meta: dict[str, Any] | None, loaded: tuple[Engine, float | None], fallbacks: list[Fallback],
+         t0: float) -> EngineResult:
+    engine, warmup_s = loaded
     cache.touch(path)
     report = _build_of(meta)
     _note_unchecked(step, ctx, report)
     parity = (report or {}).get("parity")
     return EngineResult(engine, step.backend, fallbacks, True, None, time.perf_counter() - t0,
-                        parity if isinstance(parity, dict) else None)
+                        parity if isinstance(parity, dict) else None, warmup_s)

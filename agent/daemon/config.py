@@ -37,8 +37,8 @@ config file's directory. `agent/daemon/agent.example.toml` lists every key.
     body_budget_wait_s = 5.0       # a body over the in-memory budget waits this long for room, then 503
 
     [model]                         # serving knobs of every model, as `outpost serve`
-    instances = 1
-    threads = 0                    # intra-op threads per instance (0: one per core)
+    instances = "auto"             # engine instances per model ("auto" or 0: per model at load, agent/instances.py)
+    threads = "auto"               # intra-op threads per instance (0: one per core; "auto": cores split between them)
     max_queue = 128
     timeout_ms = 30000.0
     inline_compute_ms = 0.2
@@ -65,9 +65,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from engines import EngineOptions
-
-from ..config import ModelConfig, ServerConfig
+from ..config import AUTO, ModelConfig, ServerConfig, instances_setting, threads_setting
 from ..credentials import default_credential_path
 from ..errors import ConfigError
 
@@ -109,11 +107,19 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    instances: int = 1
-    threads: int = 0
+    #: "auto" or a number, as TOML gives it (a number arrives as its text); parsed by `agent.config`
+    instances: str = AUTO
+    threads: str = AUTO
     max_queue: int = 128
     timeout_ms: float = 30_000.0
     inline_compute_ms: float = 0.2
+
+    def __post_init__(self) -> None:
+        try:
+            instances_setting(self.instances)
+            threads_setting(self.threads)
+        except ConfigError as e:
+            raise ConfigError(f"[model].{e}") from None
 
 
 @dataclass(frozen=True)
@@ -164,9 +170,8 @@ class AgentConfig:
 
     def model_config(self) -> ModelConfig:
         s = self.serving
-        return ModelConfig(instances=s.instances, max_queue=s.max_queue, timeout_ms=s.timeout_ms,
-                           inline_compute_ms=s.inline_compute_ms,
-                           engine_options=EngineOptions(intra_op_threads=s.threads))
+        return ModelConfig(instances=instances_setting(s.instances), threads=threads_setting(s.threads),
+                           max_queue=s.max_queue, timeout_ms=s.timeout_ms, inline_compute_ms=s.inline_compute_ms)
 
     def server_config(self) -> ServerConfig:
         h = self.http

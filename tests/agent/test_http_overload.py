@@ -94,7 +94,8 @@ async def test_default_deadline_applies_without_header(serve: ServeFactory, bund
 
 async def test_a_disconnected_client_is_dropped_from_the_queue(
         serve: ServeFactory, bundles: dict[str, pathlib.Path]) -> None:
-    served = await serve([bundles["cnn"]], model_config=ModelConfig(max_batch_size=4))
+    # one instance: the queue arithmetic below assumes one engine batch computing at a time
+    served = await serve([bundles["cnn"]], model_config=ModelConfig(max_batch_size=4, instances=1))
     sm = served.dataplane.get("cnn")
     big = np.concatenate([IMG] * 4)  # 16 images in 4 engine batches: the engine stays busy a while
     first = asyncio.ensure_future(_post_cnn(served, big))

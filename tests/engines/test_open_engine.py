@@ -169,8 +169,11 @@ def test_plan_sees_the_entry_once_built_and_warm_up_runs_on_load(make_bundle: Ma
 
     b = bundle.load_unverified(make_bundle("dynamic_conv", sign=False))
     assert plan(b, cache_dir=cache_dir, probe=cpu_probe).steps[0].cached is False
-    open_engine(b, cache_dir=cache_dir, probe=cpu_probe).engine.close()
+    cold = open_engine(b, cache_dir=cache_dir, probe=cpu_probe)
+    cold.engine.close()
+    assert cold.warmup_s is None  # no warm-up on the CPU by default: nothing timed
     assert plan(b, cache_dir=cache_dir, probe=cpu_probe).steps[0].cached is True
     warm = open_engine(b, options=EngineOptions(warmup_iterations=2), cache_dir=cache_dir, probe=cpu_probe)
     warm.engine.close()
     assert warm.cache_hit  # warm-up is a load-time setting: it does not change the cache key
+    assert warm.warmup_s is not None and 0 < warm.warmup_s < 10  # the warmed engine's time per batch

@@ -1,0 +1,151 @@
+"""How many engine instances a model gets, and how many intra-op threads each, when nobody said.
+
+`choose()` is the policy, a pure function of what is known once the first
+engine is loaded: the engine kind (CPU or GPU), the cores this process may run
+on, the engine's measured time per batch at warm-up, the model's size and the
+memory available. An explicit `--instances` / `--threads` (or `[model]` in the
+daemon's TOML) always wins; only what was left unset (None) is decided here.
+
+Why these rules:
+
+- GPU engines get one instance. A GPU already runs a batch with all its cores,
+  and a second instance is a second copy of weights and workspace in device
+  (on Jetson: shared) memory. This is also Triton's default: one instance per
+  GPU (docs/user_guide/model_configuration.md, "Multiple Model Instances",
+  github.com/triton-inference-server/server).
+- CPU, tiny model (warm-up batch under `COMPUTE_BOUND_S`): one instance at the
+  runtime's default threads. Such a model runs inline on the event loop
+  (`ModelConfig.inline_compute_ms`), so a second instance would only hold
+  memory and threads. (The timing warm-up itself leaves ORT's first arena
+  chunk allocated, which a first request would allocate anyway: the MLP's
+  idle RSS is 103.5 MiB against 100.7 without it, 1.19x a minimal aiohttp
+  server's 87 MiB.)
+- CPU, compute-bound model, at least 2 cores and memory for the copies:
+  `AUTO_INSTANCES` (2) instances, the cores split between them (cores // 2
+  intra-op threads each). Triton defaults a KIND_CPU instance group of the
+  ONNX Runtime backend to 2 instances (same doc, "CPU Model Instance"; the
+  change: triton-inference-server/core PR #82 "Default CPU Instance to 2"), but
+  leaves each at the ORT backend's `intra_op_thread_count` default of 0, one
+  thread per core (onnxruntime_backend README, "Model Config Options"), so two
+  busy instances oversubscribe the cores. ONNX Runtime's own defaults are one
+  intra-op thread per physical core, the calling thread taking part, and its
+  threading guide points sessions that run in parallel at separate cores or a
+  shared pool "to prevent overheated contentions among session thread pools"
+  (onnxruntime.ai/docs/performance/tune-performance/threading.html). An
+  intra-op pool ends each operator at a barrier: on a 2-core box where the
+  event loop thread also needs a core, one preempted ORT thread stalls the
+  whole op. Two single-threaded instances have no barrier and keep one batch
+  computing while the next one is assembled.
+- Memory: each extra instance is assumed to cost `COPY_COST_FACTOR` times the
+  model's files (weights plus ORT's pre-packed copies and arena); extra
+  instances may take at most `MEMORY_SHARE` of the memory available at load,
+  else the model gets one instance.
+
+The price is a lone request's latency: on one thread the CNN's batch of one
+takes 1.66x as long as on two (bare ORT, best of 150 calls each on this VM:
+6.85 vs 4.12 ms). A "solo" engine at ORT's threads, taken only while no other
+batch runs, was tried and dropped: it brought c=1 back (5.6 ms) but cost the
+CNN 47 MiB of idle RSS and, while it ran alone, starved the event loop again
+(health answers up to 107-140 ms during tests/agent/test_http_memory.py's
+load, over its 100 ms bound).
+
+Measured on the 2-core VM, shared with other test runs (load average 3-7), with
+`python bench/instances_bench.py --duration 3 --repeats 3` (the ~1 GFLOP CNN,
+image in shared memory; bench/README.md, "Engine instances on the CPU"):
+server CPU per image at concurrency 8, the figure other processes disturb
+least, was 10.6-13.4 ms for one instance at ORT's threads, 9.0-10.9 ms for two
+single-threaded instances and 11.5-12.7 ms for two with two threads each;
+images/s over bare ORT's best at c=8: 0.80x / 0.87x / 0.54x (one instance)
+against 1.04x / 1.07x / 0.68x (2 x 1) in three runs. c=1 p50 in the quieter
+runs: 7.0-8.4 ms (one instance) against 8.4-10.3 ms (2 x 1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+#: a warm-up batch slower than this is compute-bound: a second instance pays for its memory
+COMPUTE_BOUND_S = 1e-3
+#: instances a compute-bound CPU model gets (Triton's KIND_CPU default for ONNX Runtime)
+AUTO_INSTANCES = 2
+#: what one more instance is assumed to cost, in multiples of the model's files
+COPY_COST_FACTOR = 2
+#: the share of the memory available at load that extra instances may take
+MEMORY_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What a model gets: `threads` is intra-op threads per instance (0: the runtime's default, one per core)."""
+
+    instances: int
+    threads: int
+    #: why, for the log and the model's metadata: "explicit" or "auto: ..."
+    reason: str
+
+    def describe(self) -> str:
+        """'2 instances x 1 thread (auto: compute-bound, 2 cores)'."""
+        inst = f"{self.instances} instance{'s' if self.instances != 1 else ''}"
+        thr = "default threads" if self.threads == 0 else f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        return f"{inst} x {thr} ({self.reason})"
+
+
+def choose(*, uses_gpu: bool, cores: int, batch_s: float | None, model_bytes: int, available_bytes: int,
+           instances: int | None = None, threads: int | None = None) -> Placement:
+    """The placement of one model; `instances` / `threads` None means auto, a number is kept as given.
+
+    `batch_s` is the engine's best time per batch at warm-up (None: not measured,
+    e.g. the model rejected every synthesized input); `available_bytes` 0 means unknown.
+    """
+    if instances is not None and threads is not None:
+        return Placement(instances, threads, "explicit")
+    if instances is not None:
+        count, why = instances, "explicit instances"
+    elif uses_gpu:
+        count, why = 1, "auto: GPU engine"
+    else:
+        count, why = _cpu_instances(cores, batch_s, model_bytes, available_bytes, threads)
+    if threads is not None:
+        return Placement(count, threads, f"{why}; explicit threads")
+    # one instance: the runtime's default (a thread per core); several: the cores split between them
+    split = 0 if count == 1 or uses_gpu else max(1, cores // count)
+    return Placement(count, split, why)
+
+
+def _cpu_instances(cores: int, batch_s: float | None, model_bytes: int, available_bytes: int,
+                   threads: int | None) -> tuple[int, str]:
+    if batch_s is None:
+        return 1, "auto: warm-up time unknown"
+    if batch_s < COMPUTE_BOUND_S:
+        return 1, f"auto: tiny, {batch_s * 1e3:.2f} ms per batch"
+    if cores < 2:
+        return 1, "auto: compute-bound, 1 core"
+    per_instance = threads if threads else 1  # explicit 0 (a thread per core) leaves room for one
+    count = max(1, min(AUTO_INSTANCES, cores // per_instance)) if threads != 0 else 1
+    if count > 1 and available_bytes and (count - 1) * COPY_COST_FACTOR * model_bytes > MEMORY_SHARE * available_bytes:
+        return 1, (f"auto: compute-bound, but {_mib(available_bytes)} MiB available is short for "
+                   f"another {_mib(model_bytes)} MiB copy")
+    return count, f"auto: compute-bound, {batch_s * 1e3:.1f} ms per batch, {cores} cores"
+
+
+def _mib(n: int) -> int:
+    return round(n / 2**20)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity: taskset, systemd CPUAffinity=), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def available_memory() -> int:
+    """Bytes available for new allocations now (0: unknown)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # psutil missing or unreadable /proc: the memory rule then does not apply
+        return 0
