@@ -41,23 +41,19 @@ Why these rules:
   instances may take at most `MEMORY_SHARE` of the memory available at load,
   else the model gets one instance.
 
-The price is a lone request's latency: on one thread the CNN's batch of one
-takes 1.66x as long as on two (bare ORT, best of 150 calls each on this VM:
-6.85 vs 4.12 ms). A "solo" engine at ORT's threads, taken only while no other
-batch runs, was tried and dropped: it brought c=1 back (5.6 ms) but cost the
-CNN 47 MiB of idle RSS and, while it ran alone, starved the event loop again
-(health answers up to 107-140 ms during tests/agent/test_http_memory.py's
-load, over its 100 ms bound).
-
-Measured on the 2-core VM, shared with other test runs (load average 3-7), with
-`python bench/instances_bench.py --duration 3 --repeats 3` (the ~1 GFLOP CNN,
-image in shared memory; bench/README.md, "Engine instances on the CPU"):
-server CPU per image at concurrency 8, the figure other processes disturb
-least, was 10.6-13.4 ms for one instance at ORT's threads, 9.0-10.9 ms for two
-single-threaded instances and 11.5-12.7 ms for two with two threads each;
-images/s over bare ORT's best at c=8: 0.80x / 0.87x / 0.54x (one instance)
-against 1.04x / 1.07x / 0.68x (2 x 1) in three runs. c=1 p50 in the quieter
-runs: 7.0-8.4 ms (one instance) against 8.4-10.3 ms (2 x 1).
+Measured on a quiet 2-core VM (load average 0.4, no other jobs), `python
+bench/instances_bench.py --duration 3 --repeats 2 --configs 1x0,2x1 --retries 0`
+(the ~1 GFLOP CNN, image in shared memory): one instance at ORT's threads served
+0.82x bare ORT's best images/s at c=8 and a lone request in 5.09 ms (1.21x bare
+batch-1); two single-threaded instances 0.65x at c=8 and 9.66 ms (2.28x). An earlier
+pass on the same machine under load average 3-7 had put 2 x 1 ahead (1.04-1.07x
+against 0.80-0.87x): with other jobs holding a core, one instance's barrier stalled
+more than two lone threads did; on a quiet box the second core is better spent
+inside one batch. So below `MIN_CORES_TO_SPLIT` cores a compute-bound model keeps
+one instance at the runtime's threads; at 8 or more, where one batch's intra-op
+speed-up flattens, it gets Triton's two (not measured here: no such machine).
+A "solo" engine at ORT's threads beside two split ones was also tried and dropped:
+it cost the CNN 47 MiB of idle RSS and starved the event loop while it ran alone.
 """
 
 from __future__ import annotations
@@ -67,8 +63,11 @@ from dataclasses import dataclass
 
 #: a warm-up batch slower than this is compute-bound: a second instance pays for its memory
 COMPUTE_BOUND_S = 1e-3
-#: instances a compute-bound CPU model gets (Triton's KIND_CPU default for ONNX Runtime)
+#: instances a compute-bound CPU model gets on a machine with MIN_CORES_TO_SPLIT cores or more
+#: (Triton's KIND_CPU default for ONNX Runtime)
 AUTO_INSTANCES = 2
+#: below this many cores one instance with every core beats a split (measured on 2 cores, see above)
+MIN_CORES_TO_SPLIT = 8
 #: what one more instance is assumed to cost, in multiples of the model's files
 COPY_COST_FACTOR = 2
 #: the share of the memory available at load that extra instances may take
@@ -119,8 +118,8 @@ def _cpu_instances(cores: int, batch_s: float | None, model_bytes: int, availabl
         return 1, "auto: warm-up time unknown"
     if batch_s < COMPUTE_BOUND_S:
         return 1, f"auto: tiny, {batch_s * 1e3:.2f} ms per batch"
-    if cores < 2:
-        return 1, "auto: compute-bound, 1 core"
+    if cores < MIN_CORES_TO_SPLIT:
+        return 1, f"auto: compute-bound, {cores} core{'s' if cores != 1 else ''}: one instance on all of them"
     per_instance = threads if threads else 1  # explicit 0 (a thread per core) leaves room for one
     count = max(1, min(AUTO_INSTANCES, cores // per_instance)) if threads != 0 else 1
     if count > 1 and available_bytes and (count - 1) * COPY_COST_FACTOR * model_bytes > MEMORY_SHARE * available_bytes:

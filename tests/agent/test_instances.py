@@ -24,19 +24,20 @@ MLP_S = 0.00002
     # tiny models stay at one instance, the runtime's threads, whatever the cores
     ({"cores": 2, "batch_s": MLP_S}, (1, 0, "tiny")),
     ({"cores": 8, "batch_s": 0.0009}, (1, 0, "tiny")),
-    # compute-bound: two instances, the cores split between them
-    ({"cores": 2, "batch_s": CNN_S}, (2, 1, "compute-bound")),
-    ({"cores": 4, "batch_s": CNN_S}, (2, 2, "compute-bound")),
+    # compute-bound: one instance on every core below 8 cores (measured), two splitting them from 8 on
+    ({"cores": 2, "batch_s": CNN_S}, (1, 0, "2 cores: one instance")),
+    ({"cores": 4, "batch_s": CNN_S}, (1, 0, "4 cores: one instance")),
     ({"cores": 8, "batch_s": CNN_S}, (2, 4, "compute-bound")),
+    ({"cores": 16, "batch_s": CNN_S}, (2, 8, "compute-bound")),
     ({"cores": 1, "batch_s": CNN_S}, (1, 0, "1 core")),
     # not measured (the model rejected every synthesized input): today's default
     ({"cores": 8, "batch_s": None}, (1, 0, "unknown")),
     # GPU engines: one instance, however slow the batch
     ({"cores": 8, "batch_s": CNN_S, "uses_gpu": True}, (1, 0, "GPU")),
     # low memory: a 1 GiB model with 3 GiB available has no room for another copy (2 x 1 GiB > 25% of 3 GiB)
-    ({"cores": 4, "batch_s": 0.2, "model_bytes": GIB, "available_bytes": 3 * GIB}, (1, 0, "short")),
-    ({"cores": 4, "batch_s": 0.2, "model_bytes": GIB, "available_bytes": 16 * GIB}, (2, 2, "compute-bound")),
-    ({"cores": 4, "batch_s": 0.2, "model_bytes": GIB, "available_bytes": 0}, (2, 2, "compute-bound")),  # unknown
+    ({"cores": 8, "batch_s": 0.2, "model_bytes": GIB, "available_bytes": 3 * GIB}, (1, 0, "short")),
+    ({"cores": 8, "batch_s": 0.2, "model_bytes": GIB, "available_bytes": 16 * GIB}, (2, 4, "compute-bound")),
+    ({"cores": 8, "batch_s": 0.2, "model_bytes": GIB, "available_bytes": 0}, (2, 4, "compute-bound")),  # unknown
     # explicit settings win, alone or together
     ({"cores": 8, "batch_s": CNN_S, "instances": 1, "threads": 0}, (1, 0, "explicit")),
     ({"cores": 2, "batch_s": MLP_S, "instances": 3, "threads": 2}, (3, 2, "explicit")),
@@ -67,9 +68,9 @@ async def test_real_cnn_gets_the_auto_placement_and_the_mlp_stays_at_one(
     (cnn,) = dp.load_bundle(bundle.verify(bundles["cnn"], trust))
     (mlp,) = dp.load_bundle(bundle.verify(bundles["mlp"], trust))
     cores = available_cores()
-    if cores >= 2:
+    assert cnn.runner.placement.reason.startswith("auto: compute-bound")
+    if cores >= 8:
         assert (cnn.runner.instances, cnn.runner.placement.threads) == (2, cores // 2)
-        assert cnn.runner.placement.reason.startswith("auto: compute-bound")
     else:
         assert (cnn.runner.instances, cnn.runner.placement.threads) == (1, 0)
     # the decision reached the sessions: every instance was built with the chosen thread count
