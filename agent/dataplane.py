@@ -40,6 +40,7 @@ from importlib import metadata as _pkg_metadata
 from typing import Any
 
 from bundle import UNVERIFIED, Manifest, ModelEntry, TensorSpec, VerifiedBundle
+from engines import batch_scaling
 
 from .batching import AdaptiveBatcher
 from .config import ModelConfig
@@ -116,6 +117,9 @@ class ServedModel:
             "placement": self.runner.placement.reason, "max_batch_size": self.max_batch_size,
             "max_queue_delay_ms": self.max_queue_delay_ms, "max_queue": self.config.max_queue,
             "parity": {"checked": note is None, "note": note},
+            # what max_batch_size was capped by: the build's seconds per item by batch size
+            "batch_scaling": ({str(b): s for b, s in sorted(self.runner.batch_scaling.items())}
+                              if self.runner.batch_scaling else None),
         }
         labels = _labels(self.runner.outputs)
         if labels:
@@ -155,6 +159,10 @@ class FailedModel:
             "bundle": self.bundle.manifest.ref, "digest": self.bundle.digest, "signer": self.bundle.signer,
             "verified": self.bundle.signer != UNVERIFIED, "ready": False, "state": "failed", "error": self.reason,
         })
+
+
+def _scaling_text(per_item: Mapping[int, float] | None) -> str:
+    return ", ".join(f"batch {b} {s * 1e3:.3g} ms" for b, s in sorted((per_item or {}).items()))
 
 
 def served_names(manifest: Manifest) -> list[tuple[ModelEntry, str]]:
@@ -234,11 +242,18 @@ class DataPlane:
                              options=config.engine_options, backend=config.backend, source=source,
                              inline_compute_ms=config.inline_compute_ms)
         log.info("%s: %s", name, runner.placement.describe())
+        if config.max_batch_size is None:  # the bundle's guess, capped at what this engine showed pays
+            worthwhile = batch_scaling.worthwhile_batch(runner.batch_scaling, max_batch)
+            if worthwhile < max_batch:
+                log.info("%s: batches of at most %d (the bundle says %d; this engine's time per item: %s)", name,
+                         worthwhile, max_batch, _scaling_text(runner.batch_scaling))
+        else:
+            worthwhile = max_batch
         m = self.metrics.new_model(name, manifest.version, runner.backend)
         batcher = AdaptiveBatcher(
-            runner, max_batch_size=max_batch, max_queue_delay_ms=delay_ms, max_queue=config.max_queue,
+            runner, max_batch_size=worthwhile, max_queue_delay_ms=delay_ms, max_queue=config.max_queue,
             batchable=batch_dim(runner.inputs, runner.outputs) is not None,
-            max_request_items=config.max_request_items, on_batch=m.observe_batch,
+            max_request_items=config.max_request_items or 8 * max(1, max_batch), on_batch=m.observe_batch,
         )
         m.track_queue(lambda: batcher.queue_depth)
         validator = Validator(name, runner.inputs, runner.outputs, config.allow_non_finite_inputs)

@@ -60,7 +60,7 @@ class RunResult:
 class Runner:
     def __init__(self, model: str, engines: Sequence[Engine], backend: str, inline_compute_ms: float = 0.0,
                  *, parity_note: str | None = None, fallbacks: Sequence[Fallback] = (),
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, batch_scaling: Mapping[int, float] | None = None) -> None:
         if not engines:
             raise ValueError("a runner needs at least one engine")
         self.model = model
@@ -74,6 +74,8 @@ class Runner:
         self.instances = len(engines)
         #: instances and intra-op threads each, and why (metadata, the load log line)
         self.placement = placement or Placement(self.instances, 0, "explicit")
+        #: seconds per item by batch size, as the engine's build measured it (None: not measured)
+        self.batch_scaling = dict(batch_scaling) if batch_scaling else None
         self._engines = list(engines)
         self._free: queue.SimpleQueue[Engine] = queue.SimpleQueue()
         for e in engines:
@@ -132,7 +134,7 @@ class Runner:
                 e.close()
             raise
         return cls(entry.name, engines, first.backend, inline_compute_ms, parity_note=first.parity_note,
-                   fallbacks=first.fallbacks, placement=placement)
+                   fallbacks=first.fallbacks, placement=placement, batch_scaling=first.batch_scaling)
 
     def run_sync(self, feeds: Mapping[str, np.ndarray]) -> RunResult:
         engine = self._free.get()

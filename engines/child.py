@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from . import batch_scaling
 from .backend import BuildContext, CompiledEngine
 from .errors import EngineError, ParityError
 from .parity import Inputs, ParityReport, Reference, candidate_inputs, compare
@@ -42,15 +43,19 @@ def build_and_check(payload: dict[str, Any]) -> dict[str, Any]:
         t1 = time.perf_counter()
         engine = cls.from_entry(ctx, entry_dir)
         engine.load()
+        scaling = None
         try:
             t2 = time.perf_counter()
             tried = _engine_phase(engine, ctx, payload.get("samples"))
+            if tried and tried[-1].outputs is not None:  # here, not in the server: see batch_scaling
+                scaling = batch_scaling.measure(engine, ctx.inputs, ctx.profile, tried[-1].inputs.feeds)
         finally:
             engine.close()  # one session at a time: the reference loads only now
         report = _reference_phase(tried, cls.backend, ctx)
     return {"backend": cls.backend, "build_s": t1 - t0, "load_s": t2 - t1,
             "first_infer_s": tried[-1].infer_s if tried and tried[-1].outputs is not None else None,
-            "parity": report.to_dict(), "built_from": built_from(ctx)}
+            "parity": report.to_dict(), "built_from": built_from(ctx),
+            "batch_scaling": {str(b): s for b, s in scaling.items()} if scaling else None}
 
 
 @dataclass

@@ -98,6 +98,8 @@ class EngineResult:
     parity: dict[str, Any] | None = None
     #: the fastest warm-up call's seconds (`EngineOptions.warmup_iterations`); None when there was none
     warmup_s: float | None = None
+    #: seconds per item by batch size, measured by the build (`engines.batch_scaling`); None if not
+    batch_scaling: dict[int, float] | None = None
 
     @property
     def parity_note(self) -> str | None:
@@ -261,7 +263,7 @@ def _realize(step: PlannedBackend, ctx: BuildContext, cache: EngineCache, sample
     _note_unchecked(step, ctx, report)
     engine, warmup_s = _load(step, ctx, path, report)
     return EngineResult(engine, step.backend, fallbacks, False, report, time.perf_counter() - t0, report["parity"],
-                        warmup_s)
+                        warmup_s, _scaling(report))
 
 
 def _build_of(meta: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -278,4 +280,15 @@ def _hit(step: PlannedBackend, ctx: BuildContext, cache: EngineCache, path: path
     _note_unchecked(step, ctx, report)
     parity = (report or {}).get("parity")
     return EngineResult(engine, step.backend, fallbacks, True, None, time.perf_counter() - t0,
-                        parity if isinstance(parity, dict) else None, warmup_s)
+                        parity if isinstance(parity, dict) else None, warmup_s, _scaling(report))
+
+
+def _scaling(report: dict[str, Any] | None) -> dict[int, float] | None:
+    """The build's batch scaling; None for entries built before it was measured, or odd values."""
+    raw = (report or {}).get("batch_scaling")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return {int(b): float(s) for b, s in raw.items()}
+    except (TypeError, ValueError):
+        return None
