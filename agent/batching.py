@@ -282,6 +282,9 @@ class AdaptiveBatcher:
                 continue
             if self.runner.runs_inline:  # it never suspends: no task, and the engine is idle again at once
                 await self._run(batch, feeds)
+                # then let the loop breathe: without this a queue of inline batches runs back to back and
+                # health probes, other connections and timers wait for all of them, not for one
+                await asyncio.sleep(0)
                 continue
             task = asyncio.get_running_loop().create_task(self._run(batch, feeds))
             self._running.add(task)

@@ -114,7 +114,8 @@ class ServedModel:
             "bundle": self.bundle.manifest.ref, "digest": self.bundle.digest, "signer": self.bundle.signer,
             "verified": self.verified, "ready": True, "backend": self.runner.backend,
             "instances": self.runner.instances, "threads": self.runner.placement.threads,
-            "placement": self.runner.placement.reason, "max_batch_size": self.max_batch_size,
+            "placement": self.runner.placement.reason, "inline_compute_ms": self.runner.inline_compute_ms,
+            "max_batch_size": self.max_batch_size,
             "max_queue_delay_ms": self.max_queue_delay_ms, "max_queue": self.config.max_queue,
             "parity": {"checked": note is None, "note": note},
             # what max_batch_size was capped by: the build's seconds per item by batch size

@@ -128,6 +128,32 @@ def _cpu_instances(cores: int, batch_s: float | None, model_bytes: int, availabl
     return count, f"auto: compute-bound, {batch_s * 1e3:.1f} ms per batch, {cores} cores"
 
 
+#: a batch faster than this runs on the event loop wherever: a thread hand-off would cost more
+TINY_INLINE_MS = 0.2
+#: a CPU engine with every core runs batches up to this long on the event loop (the loop's longest wait)
+CPU_INLINE_CAP_MS = 50.0
+
+
+def inline_threshold_ms(configured: float | None, *, uses_gpu: bool, placement: Placement) -> float:
+    """Batches whose engine time stays below this run on the event loop thread instead of a worker.
+
+    Why not always a worker thread: on a CPU engine that has every core (one instance at the
+    runtime's threads), a worker leaves the loop thread free to compete with the engine's own
+    threads for the cores, and each preemption stalls an operator's barrier. Run on the loop,
+    the loop thread is one of the engine's threads and network bytes wait in the kernel until
+    the batch is done. Measured on 2 cores (bench/README.md, "Engine instances on the CPU"),
+    CNN v2 binary bodies: 206-217 images/s on the loop against 180-193 on a worker at c=1,
+    214-216 against 182-187 at c=8 (bare ORT: about 220). Capped at `CPU_INLINE_CAP_MS` so that
+    health probes and other connections never wait longer than that for the loop. GPU engines
+    and split instances keep workers: there the waiting is on the device or on other instances.
+    """
+    if configured is not None:
+        return configured
+    if uses_gpu or placement.instances > 1 or placement.threads not in (0, available_cores()):
+        return TINY_INLINE_MS
+    return CPU_INLINE_CAP_MS
+
+
 def _mib(n: int) -> int:
     return round(n / 2**20)
 

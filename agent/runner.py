@@ -22,11 +22,7 @@ from bundle import TensorSpec, VerifiedBundle
 from engines import Engine, EngineCache, EngineError, EngineOptions, EngineResult, Fallback, Probe, open_engine
 
 from .errors import InferenceFailed
-from .instances import Placement, available_cores, available_memory, choose
-
-#: warm-up calls that time the first engine when its instance count is to be decided (the first one
-#: pays for lazy allocations; the faster of the two is the engine's time per batch)
-_TIMED_WARMUPS = 2
+from .instances import Placement, available_cores, available_memory, choose, inline_threshold_ms
 
 
 class EngineFactory(Protocol):
@@ -82,19 +78,21 @@ class Runner:
             self._free.put(e)
         self._pool = ThreadPoolExecutor(self.instances, thread_name_prefix=f"runner-{model}")
         self._inline_s = inline_compute_ms / 1000.0
+        #: batches faster than this (ms) run on the event loop (metadata; `agent.instances.inline_threshold_ms`)
+        self.inline_compute_ms = inline_compute_ms
         self._ewma_s = float("inf")  # unknown until measured: threads first
         self._closed = False
 
     @classmethod
     def open(cls, bundle: VerifiedBundle, model: str | None = None, *, instances: int | None = 1,
              threads: int | None = None, options: EngineOptions | None = None, backend: str = "auto",
-             source: EngineSource | None = None, inline_compute_ms: float = 0.0) -> Runner:
+             source: EngineSource | None = None, inline_compute_ms: float | None = 0.0) -> Runner:
         """Load the engines of one model of a verified bundle (blocking).
 
         `instances` / `threads` (intra-op threads per instance; 0 one per core):
         a number is kept, None is decided by `agent.instances.choose` once the
-        first engine is loaded, from its kind, its warm-up time per batch, the
-        cores and the memory. Deciding may load that first engine twice: it is
+        first engine is loaded, from its kind, its build's time per batch
+        (`engines.batch_scaling`), the cores and the memory. Deciding may load that first engine twice: it is
         warmed with the given threads, and replaced if the decision differs
         (a cache hit, so a second session's load, not a build).
         """
@@ -116,11 +114,12 @@ class Runner:
                 placement = Placement(instances, threads, "explicit")
                 first = load(options)
             else:
-                # the warm-up times a batch: how compute-bound the model is
-                timed = replace(options, warmup_iterations=max(options.warmup_iterations, _TIMED_WARMUPS))
-                first = load(timed if instances is None else options)
+                first = load(options)
+                # how compute-bound the model is: its build's batch-1 time (no extra warm-up here: that
+                # would leave a batch's arena in this long-lived process), else the configured warm-up's
+                batch_s = (first.batch_scaling or {}).get(1) or first.warmup_s
                 placement = choose(
-                    uses_gpu=first.engine.uses_gpu, cores=available_cores(), batch_s=first.warmup_s,
+                    uses_gpu=first.engine.uses_gpu, cores=available_cores(), batch_s=batch_s,
                     model_bytes=sum(bundle.files[rel].size for rel, _ in bundle.model_sources(entry.name)),
                     available_bytes=available_memory(), instances=instances, threads=threads)
                 if placement.threads != options.intra_op_threads:  # the first one has the wrong thread count
@@ -133,7 +132,8 @@ class Runner:
             for e in engines:
                 e.close()
             raise
-        return cls(entry.name, engines, first.backend, inline_compute_ms, parity_note=first.parity_note,
+        inline_ms = inline_threshold_ms(inline_compute_ms, uses_gpu=first.engine.uses_gpu, placement=placement)
+        return cls(entry.name, engines, first.backend, inline_ms, parity_note=first.parity_note,
                    fallbacks=first.fallbacks, placement=placement, batch_scaling=first.batch_scaling)
 
     def run_sync(self, feeds: Mapping[str, np.ndarray]) -> RunResult:
