@@ -240,7 +240,7 @@ def _auto_setting(parse: Callable[[object], int | None]) -> Callable[[click.Cont
 @click.option("--allow-non-finite", is_flag=True, help="Accept NaN/Inf in float inputs.")
 @click.option("--inline-compute-ms", default=None, type=click.FloatRange(0, 1000),
               help="Run batches whose engine time stays below this on the event loop (0: always threads). "
-                   "Default: per model at load: 0.2 ms, or 50 ms for a CPU engine that has every core.")
+                   "Default: per model at load: 0.2 ms, or 20 ms for a CPU engine that has every core.")
 @click.option("--drain-timeout-s", default=20.0, show_default=True, type=click.FloatRange(0, 3600))
 @click.option("--loop", "loop_name", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
               show_default=True, help="Event loop: auto uses uvloop where installed.")

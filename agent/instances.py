@@ -130,8 +130,11 @@ def _cpu_instances(cores: int, batch_s: float | None, model_bytes: int, availabl
 
 #: a batch faster than this runs on the event loop wherever: a thread hand-off would cost more
 TINY_INLINE_MS = 0.2
-#: a CPU engine with every core runs batches up to this long on the event loop (the loop's longest wait)
-CPU_INLINE_CAP_MS = 50.0
+#: a CPU engine with every core runs batches up to this long on the event loop. A health probe on a new
+#: connection needs 4-6 turns of the loop, each of which may follow one batch: under full load it
+#: waits up to about 5 x this (tests/agent/test_http_memory.py: p99 57-67 ms with the CNN's ~9 ms
+#: batches, against 20-32 ms on workers; its bound is 100 ms)
+CPU_INLINE_CAP_MS = 20.0
 
 
 def inline_threshold_ms(configured: float | None, *, uses_gpu: bool, placement: Placement) -> float:
@@ -143,8 +146,8 @@ def inline_threshold_ms(configured: float | None, *, uses_gpu: bool, placement: 
     the loop thread is one of the engine's threads and network bytes wait in the kernel until
     the batch is done. Measured on 2 cores (bench/README.md, "Engine instances on the CPU"),
     CNN v2 binary bodies: 206-217 images/s on the loop against 180-193 on a worker at c=1,
-    214-216 against 182-187 at c=8 (bare ORT: about 220). Capped at `CPU_INLINE_CAP_MS` so that
-    health probes and other connections never wait longer than that for the loop. GPU engines
+    214-216 against 182-187 at c=8 (bare ORT: about 220). Capped at `CPU_INLINE_CAP_MS` a batch so
+    that health probes and other connections are not kept waiting long for the loop. GPU engines
     and split instances keep workers: there the waiting is on the device or on other instances.
     """
     if configured is not None:

@@ -136,10 +136,10 @@ def test_daemon_toml_model_section(tmp_path: pathlib.Path) -> None:
 
 
 @pytest.mark.parametrize(("configured", "uses_gpu", "placement", "want"), [
-    (None, False, Placement(1, 0, "auto"), 50.0),  # a CPU engine with every core: batches on the loop
-    (None, False, Placement(1, available_cores(), "explicit threads"), 50.0),  # every core, said as a number
+    (None, False, Placement(1, 0, "auto"), 20.0),  # a CPU engine with every core: batches on the loop
+    (None, False, Placement(1, available_cores(), "explicit threads"), 20.0),  # every core, said as a number
     (None, False, Placement(2, 1, "auto"), 0.2),  # split instances: workers, so they run side by side
-    (None, False, Placement(1, 1, "explicit"), 0.2 if available_cores() > 1 else 50.0),  # cores left for the loop
+    (None, False, Placement(1, 1, "explicit"), 0.2 if available_cores() > 1 else 20.0),  # cores left for the loop
     (None, True, Placement(1, 0, "auto: GPU engine"), 0.2),  # the GPU waits are the device's
     (0.0, False, Placement(1, 0, "auto"), 0.0),  # explicit: always threads
     (5.0, True, Placement(1, 0, "auto"), 5.0),
@@ -155,7 +155,7 @@ async def test_the_cnn_runs_on_the_loop_and_says_so(bundles: dict[str, pathlib.P
     meta = dp.model_metadata("cnn")["outpost"]
     assert meta["inline_compute_ms"] == cnn.runner.inline_compute_ms
     if cnn.runner.instances == 1 and not cnn.runner._engines[0].uses_gpu:  # type: ignore[attr-defined]
-        assert cnn.runner.inline_compute_ms == 50.0
+        assert cnn.runner.inline_compute_ms == 20.0
     await dp.close()
 
 
