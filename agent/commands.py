@@ -238,9 +238,8 @@ def _auto_setting(parse: Callable[[object], int | None]) -> Callable[[click.Cont
               help="A body that does not fit the budget of bodies in memory (2 x --max-body-bytes) waits this long "
                    "for room, first come first served (never past its deadline), then gets 503 (0: at once).")
 @click.option("--allow-non-finite", is_flag=True, help="Accept NaN/Inf in float inputs.")
-@click.option("--inline-compute-ms", default=None, type=click.FloatRange(0, 1000),
-              help="Run batches whose engine time stays below this on the event loop (0: always threads). "
-                   "Default: per model at load: 0.2 ms, or 20 ms for a CPU engine that has every core.")
+@click.option("--inline-compute-ms", default=0.2, show_default=True, type=click.FloatRange(0, 1000),
+              help="Run batches whose engine time stays below this on the event loop (0: always threads).")
 @click.option("--drain-timeout-s", default=20.0, show_default=True, type=click.FloatRange(0, 3600))
 @click.option("--loop", "loop_name", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
               show_default=True, help="Event loop: auto uses uvloop where installed.")
@@ -251,7 +250,7 @@ def serve_command(bundle_dirs: tuple[str, ...], host: str, port: int, trust: tup
                   tls_cert: str | None, tls_key: str | None, instances: int | None, threads: int | None, spin: bool,
                   max_batch_size: int | None, max_queue_delay_ms: float | None, max_queue: int,
                   timeout_ms: float, max_body_bytes: int, body_budget_wait_s: float, allow_non_finite: bool,
-                  inline_compute_ms: float | None,
+                  inline_compute_ms: float,
                   drain_timeout_s: float, loop_name: str, shared_memory: bool = False,
                   mqtt_transport: Transport | None = None) -> None:
     """Serve BUNDLE_DIR... over the Open Inference Protocol (KServe v2) on HTTP, and on MQTT with --mqtt."""

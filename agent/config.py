@@ -32,9 +32,9 @@ class ModelConfig:
     allow_non_finite_inputs: NaN/Inf in float inputs are refused (400) unless set;
       a model fed NaN answers NaN, which hides the caller's bug.
     inline_compute_ms: batches whose engine time has stayed below this run on the
-      event loop instead of a worker thread; 0 always uses threads; None decides per
-      model at load (`agent.instances.inline_threshold_ms`). The price: such a batch
-      cannot be abandoned at its deadline, and the loop waits for it.
+      event loop instead of a worker thread (the thread hand-off costs more than
+      a tiny model's compute); 0 always uses threads. The price: such a batch cannot be
+      abandoned at its deadline, which matters only if a sub-millisecond model hangs.
     """
 
     instances: int | None = None
@@ -45,7 +45,7 @@ class ModelConfig:
     max_request_items: int | None = None
     timeout_ms: float = 30_000.0
     allow_non_finite_inputs: bool = False
-    inline_compute_ms: float | None = None
+    inline_compute_ms: float = 0.2
     backend: str = "auto"
     engine_options: EngineOptions = field(default_factory=EngineOptions)
 
@@ -75,19 +75,6 @@ def instances_setting(value: object) -> int | None:
 def threads_setting(value: object) -> int | None:
     """`--threads` / `[model] threads`: "auto" decides with the instances (None); 0 is one per core."""
     return _auto_int(value, "threads", 0, 256, zero_is_auto=False)
-
-
-def inline_setting(value: object) -> float | None:
-    """`[model] inline_compute_ms`: "auto" decides per model at load (None); else milliseconds, 0 to 1000."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
-        return None
-    try:
-        ms = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
-    except ValueError:
-        ms = None
-    if ms is None or not 0 <= ms <= 1000:
-        raise ConfigError(f"inline_compute_ms must be \"auto\" or milliseconds from 0 to 1000, got {value!r}")
-    return ms
 
 
 def _auto_int(value: object, what: str, lo: int, hi: int, *, zero_is_auto: bool) -> int | None:

@@ -2,8 +2,8 @@
 
 `choose()` is the policy, a pure function of what is known once the first
 engine is loaded: the engine kind (CPU or GPU), the cores this process may run
-on, the engine's measured time per batch at warm-up, the model's size and the
-memory available. An explicit `--instances` / `--threads` (or `[model]` in the
+on, the engine's time per batch of one (measured by its build, `engines.batch_scaling`;
+else by the configured warm-up), the model's size and the memory available. An explicit `--instances` / `--threads` (or `[model]` in the
 daemon's TOML) always wins; only what was left unset (None) is decided here.
 
 Why these rules:
@@ -13,14 +13,12 @@ Why these rules:
   (on Jetson: shared) memory. This is also Triton's default: one instance per
   GPU (docs/user_guide/model_configuration.md, "Multiple Model Instances",
   github.com/triton-inference-server/server).
-- CPU, tiny model (warm-up batch under `COMPUTE_BOUND_S`): one instance at the
+- CPU, tiny model (a batch under `COMPUTE_BOUND_S`): one instance at the
   runtime's default threads. Such a model runs inline on the event loop
   (`ModelConfig.inline_compute_ms`), so a second instance would only hold
-  memory and threads. (The timing warm-up itself leaves ORT's first arena
-  chunk allocated, which a first request would allocate anyway: the MLP's
-  idle RSS is 103.5 MiB against 100.7 without it, 1.19x a minimal aiohttp
-  server's 87 MiB.)
-- CPU, compute-bound model, at least 2 cores and memory for the copies:
+  memory and threads. (The time comes from the build, not from a warm-up in the
+  serving process: a warm-up there leaves a batch's arena allocated for good.)
+- CPU, compute-bound model, `MIN_CORES_TO_SPLIT` cores or more and memory for the copies:
   `AUTO_INSTANCES` (2) instances, the cores split between them (cores // 2
   intra-op threads each). Triton defaults a KIND_CPU instance group of the
   ONNX Runtime backend to 2 instances (same doc, "CPU Model Instance"; the
@@ -52,6 +50,14 @@ more than two lone threads did; on a quiet box the second core is better spent
 inside one batch. So below `MIN_CORES_TO_SPLIT` cores a compute-bound model keeps
 one instance at the runtime's threads; at 8 or more, where one batch's intra-op
 speed-up flattens, it gets Triton's two (not measured here: no such machine).
+Where a batch runs is not decided here: tiny batches (`ModelConfig.inline_compute_ms`, 0.2 ms)
+run on the event loop, the rest on the instances' worker threads. Running the CNN's batches on
+the loop too (`--inline-compute-ms 20`: the loop thread becomes one of ORT's, so nothing competes
+with it for the cores) was measured both ways on the quiet 2-core box and is not the default:
+v2 binary bodies gained (c=8: 186-197 images/s against 165-173), JSON image bodies lost (c=64:
+68-71 against 82: their 3.1 MB bodies are read and decoded while a threaded batch computes, and
+wait for it on the loop), and health probes under tests/agent/test_http_memory.py's load took
+p99 57-67 ms against 20-32 ms.
 A "solo" engine at ORT's threads beside two split ones was also tried and dropped:
 it cost the CNN 47 MiB of idle RSS and starved the event loop while it ran alone.
 """
@@ -61,7 +67,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-#: a warm-up batch slower than this is compute-bound: a second instance pays for its memory
+#: a batch of one slower than this is compute-bound: a second instance pays for its memory
 COMPUTE_BOUND_S = 1e-3
 #: instances a compute-bound CPU model gets on a machine with MIN_CORES_TO_SPLIT cores or more
 #: (Triton's KIND_CPU default for ONNX Runtime)
@@ -94,7 +100,7 @@ def choose(*, uses_gpu: bool, cores: int, batch_s: float | None, model_bytes: in
            instances: int | None = None, threads: int | None = None) -> Placement:
     """The placement of one model; `instances` / `threads` None means auto, a number is kept as given.
 
-    `batch_s` is the engine's best time per batch at warm-up (None: not measured,
+    `batch_s` is the engine's time for a batch of one (None: not measured,
     e.g. the model rejected every synthesized input); `available_bytes` 0 means unknown.
     """
     if instances is not None and threads is not None:
@@ -115,7 +121,7 @@ def choose(*, uses_gpu: bool, cores: int, batch_s: float | None, model_bytes: in
 def _cpu_instances(cores: int, batch_s: float | None, model_bytes: int, available_bytes: int,
                    threads: int | None) -> tuple[int, str]:
     if batch_s is None:
-        return 1, "auto: warm-up time unknown"
+        return 1, "auto: time per batch unknown"
     if batch_s < COMPUTE_BOUND_S:
         return 1, f"auto: tiny, {batch_s * 1e3:.2f} ms per batch"
     if cores < MIN_CORES_TO_SPLIT:
@@ -126,35 +132,6 @@ def _cpu_instances(cores: int, batch_s: float | None, model_bytes: int, availabl
         return 1, (f"auto: compute-bound, but {_mib(available_bytes)} MiB available is short for "
                    f"another {_mib(model_bytes)} MiB copy")
     return count, f"auto: compute-bound, {batch_s * 1e3:.1f} ms per batch, {cores} cores"
-
-
-#: a batch faster than this runs on the event loop wherever: a thread hand-off would cost more
-TINY_INLINE_MS = 0.2
-#: a CPU engine with every core runs batches up to this long on the event loop. A health probe on a new
-#: connection needs 4-6 turns of the loop, each of which may follow one batch: under full load it
-#: waits up to about 5 x this (tests/agent/test_http_memory.py: p99 57-67 ms with the CNN's ~9 ms
-#: batches, against 20-32 ms on workers; its bound is 100 ms)
-CPU_INLINE_CAP_MS = 20.0
-
-
-def inline_threshold_ms(configured: float | None, *, uses_gpu: bool, placement: Placement) -> float:
-    """Batches whose engine time stays below this run on the event loop thread instead of a worker.
-
-    Why not always a worker thread: on a CPU engine that has every core (one instance at the
-    runtime's threads), a worker leaves the loop thread free to compete with the engine's own
-    threads for the cores, and each preemption stalls an operator's barrier. Run on the loop,
-    the loop thread is one of the engine's threads and network bytes wait in the kernel until
-    the batch is done. Measured on 2 cores (bench/README.md, "Engine instances on the CPU"),
-    CNN v2 binary bodies: 206-217 images/s on the loop against 180-193 on a worker at c=1,
-    214-216 against 182-187 at c=8 (bare ORT: about 220). Capped at `CPU_INLINE_CAP_MS` a batch so
-    that health probes and other connections are not kept waiting long for the loop. GPU engines
-    and split instances keep workers: there the waiting is on the device or on other instances.
-    """
-    if configured is not None:
-        return configured
-    if uses_gpu or placement.instances > 1 or placement.threads not in (0, available_cores()):
-        return TINY_INLINE_MS
-    return CPU_INLINE_CAP_MS
 
 
 def _mib(n: int) -> int:

@@ -22,7 +22,7 @@ from bundle import TensorSpec, VerifiedBundle
 from engines import Engine, EngineCache, EngineError, EngineOptions, EngineResult, Fallback, Probe, open_engine
 
 from .errors import InferenceFailed
-from .instances import Placement, available_cores, available_memory, choose, inline_threshold_ms
+from .instances import Placement, available_cores, available_memory, choose
 
 
 class EngineFactory(Protocol):
@@ -78,7 +78,7 @@ class Runner:
             self._free.put(e)
         self._pool = ThreadPoolExecutor(self.instances, thread_name_prefix=f"runner-{model}")
         self._inline_s = inline_compute_ms / 1000.0
-        #: batches faster than this (ms) run on the event loop (metadata; `agent.instances.inline_threshold_ms`)
+        #: batches whose engine time stays below this (ms) run on the event loop (shown in the metadata)
         self.inline_compute_ms = inline_compute_ms
         self._ewma_s = float("inf")  # unknown until measured: threads first
         self._closed = False
@@ -86,7 +86,7 @@ class Runner:
     @classmethod
     def open(cls, bundle: VerifiedBundle, model: str | None = None, *, instances: int | None = 1,
              threads: int | None = None, options: EngineOptions | None = None, backend: str = "auto",
-             source: EngineSource | None = None, inline_compute_ms: float | None = 0.0) -> Runner:
+             source: EngineSource | None = None, inline_compute_ms: float = 0.0) -> Runner:
         """Load the engines of one model of a verified bundle (blocking).
 
         `instances` / `threads` (intra-op threads per instance; 0 one per core):
@@ -132,8 +132,7 @@ class Runner:
             for e in engines:
                 e.close()
             raise
-        inline_ms = inline_threshold_ms(inline_compute_ms, uses_gpu=first.engine.uses_gpu, placement=placement)
-        return cls(entry.name, engines, first.backend, inline_ms, parity_note=first.parity_note,
+        return cls(entry.name, engines, first.backend, inline_compute_ms, parity_note=first.parity_note,
                    fallbacks=first.fallbacks, placement=placement, batch_scaling=first.batch_scaling)
 
     def run_sync(self, feeds: Mapping[str, np.ndarray]) -> RunResult:

@@ -41,7 +41,7 @@ config file's directory. `agent/daemon/agent.example.toml` lists every key.
     threads = "auto"               # intra-op threads per instance (0: one per core; "auto": cores split between them)
     max_queue = 128
     timeout_ms = 30000.0
-    inline_compute_ms = "auto"     # batches faster than this (ms) run on the event loop ("auto": per model)
+    inline_compute_ms = 0.2
 
     [mqtt]                          # the MQTT front end, as `outpost serve --mqtt` ("" url: off)
     url = ""                       # mqtt://host[:port] or mqtts://host[:port]
@@ -65,7 +65,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import AUTO, ModelConfig, ServerConfig, inline_setting, instances_setting, threads_setting
+from ..config import AUTO, ModelConfig, ServerConfig, instances_setting, threads_setting
 from ..credentials import default_credential_path
 from ..errors import ConfigError
 
@@ -112,13 +112,12 @@ class ServingConfig:
     threads: str = AUTO
     max_queue: int = 128
     timeout_ms: float = 30_000.0
-    inline_compute_ms: str = AUTO
+    inline_compute_ms: float = 0.2
 
     def __post_init__(self) -> None:
         try:
             instances_setting(self.instances)
             threads_setting(self.threads)
-            inline_setting(self.inline_compute_ms)
         except ConfigError as e:
             raise ConfigError(f"[model].{e}") from None
 
@@ -172,8 +171,7 @@ class AgentConfig:
     def model_config(self) -> ModelConfig:
         s = self.serving
         return ModelConfig(instances=instances_setting(s.instances), threads=threads_setting(s.threads),
-                           max_queue=s.max_queue, timeout_ms=s.timeout_ms,
-                           inline_compute_ms=inline_setting(s.inline_compute_ms))
+                           max_queue=s.max_queue, timeout_ms=s.timeout_ms, inline_compute_ms=s.inline_compute_ms)
 
     def server_config(self) -> ServerConfig:
         h = self.http

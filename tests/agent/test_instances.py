@@ -10,10 +10,10 @@ import pytest
 import bundle
 from agent import DataPlane, ModelConfig
 from agent.commands import serve_command
-from agent.config import inline_setting, instances_setting, threads_setting
+from agent.config import instances_setting, threads_setting
 from agent.daemon import config as daemon_config
 from agent.errors import ConfigError
-from agent.instances import Placement, available_cores, choose, inline_threshold_ms
+from agent.instances import Placement, available_cores, choose
 
 GIB = 1 << 30
 CNN_S = 0.015  # the ~1 GFLOP CNN's warm-up batch on one core of this VM, about
@@ -135,51 +135,16 @@ def test_daemon_toml_model_section(tmp_path: pathlib.Path) -> None:
         model_config('threads = "fast"\n')
 
 
-@pytest.mark.parametrize(("configured", "uses_gpu", "placement", "want"), [
-    (None, False, Placement(1, 0, "auto"), 20.0),  # a CPU engine with every core: batches on the loop
-    (None, False, Placement(1, available_cores(), "explicit threads"), 20.0),  # every core, said as a number
-    (None, False, Placement(2, 1, "auto"), 0.2),  # split instances: workers, so they run side by side
-    (None, False, Placement(1, 1, "explicit"), 0.2 if available_cores() > 1 else 20.0),  # cores left for the loop
-    (None, True, Placement(1, 0, "auto: GPU engine"), 0.2),  # the GPU waits are the device's
-    (0.0, False, Placement(1, 0, "auto"), 0.0),  # explicit: always threads
-    (5.0, True, Placement(1, 0, "auto"), 5.0),
-])
-def test_where_batches_run(configured: float | None, uses_gpu: bool, placement: Placement, want: float) -> None:
-    assert inline_threshold_ms(configured, uses_gpu=uses_gpu, placement=placement) == want
+def test_numbers_for_auto_keys_are_named_by_their_own_parser(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('[agent]\ntrust = ["k.pub"]\n[model]\ninstances = 2.5\n')
+    with pytest.raises(ConfigError, match=r"\[model\]\.instances must be .*2\.5"):  # not "expected str"
+        daemon_config.load(path)
 
 
-async def test_the_cnn_runs_on_the_loop_and_says_so(bundles: dict[str, pathlib.Path],
-                                                    trust: list[bundle.TrustAnchor]) -> None:
+async def test_metadata_says_where_batches_run(bundles: dict[str, pathlib.Path],
+                                               trust: list[bundle.TrustAnchor]) -> None:
     dp = DataPlane()
-    (cnn,) = dp.load_bundle(bundle.verify(bundles["cnn"], trust))
-    meta = dp.model_metadata("cnn")["outpost"]
-    assert meta["inline_compute_ms"] == cnn.runner.inline_compute_ms
-    if cnn.runner.instances == 1 and not cnn.runner._engines[0].uses_gpu:  # type: ignore[attr-defined]
-        assert cnn.runner.inline_compute_ms == 20.0
+    (mlp,) = dp.load_bundle(bundle.verify(bundles["mlp"], trust), ModelConfig(inline_compute_ms=0.5))
+    assert dp.model_metadata("mlp")["outpost"]["inline_compute_ms"] == 0.5 == mlp.runner.inline_compute_ms
     await dp.close()
-
-
-@pytest.mark.parametrize(("value", "want"), [("auto", None), (None, None), ("0.5", 0.5), (0, 0.0), (1000, 1000.0)])
-def test_inline_setting(value: object, want: float | None) -> None:
-    assert inline_setting(value) == want
-
-
-@pytest.mark.parametrize("value", ["soon", "-1", 1001, True])
-def test_bad_inline_settings_are_refused_by_name(value: object) -> None:
-    with pytest.raises(ConfigError, match="inline_compute_ms must be"):
-        inline_setting(value)
-
-
-def test_daemon_toml_inline_and_numbers_for_auto_keys(tmp_path: pathlib.Path) -> None:
-    def model_config(extra: str) -> ModelConfig:
-        path = tmp_path / "agent.toml"
-        path.write_text(f'[agent]\ntrust = ["k.pub"]\n[model]\n{extra}')
-        return daemon_config.load(path).model_config()
-
-    assert model_config("").inline_compute_ms is None
-    assert model_config("inline_compute_ms = 0.5\n").inline_compute_ms == 0.5
-    assert model_config("inline_compute_ms = 0\n").inline_compute_ms == 0.0
-    with pytest.raises(ConfigError, match=r"\[model\]\.inline_compute_ms must be"):
-        model_config('inline_compute_ms = "eventually"\n')
-    with pytest.raises(ConfigError, match=r"\[model\]\.instances must be .*2\.5"):
-        model_config("instances = 2.5\n")  # named by its own parser, not "expected str"
