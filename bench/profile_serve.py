@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import os
 import pathlib
 import pstats
 import sys
@@ -57,7 +58,7 @@ async def _profile(args: argparse.Namespace, work: pathlib.Path) -> str:
     await server.stop()
     out = io.StringIO()
     print(f"{res.requests} requests, {res.requests_per_s:,.0f} req/s under the profiler", file=out)
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+    pstats.Stats(prof, stream=out).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(args.top)
     return out.getvalue()
 
 
