@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/http_stacks_bench.py [--duration 4] [--repeats 3] [--lib DIR] [--body json|binary]
 
-Each stack (bench/serving/stacks.py: aiohttp application + router, aiohttp's
+Each stack (bench/serving/stacks.py: the floor, a uvloop protocol answering every request
+with a canned reply and doing no work (what wrk and the kernel cost); aiohttp application + router, aiohttp's
 low-level server, uvicorn + httptools with a raw ASGI app, granian RSGI, two
 aiohttp processes on one port) serves the MLP ([1,64] -> 10) with the same work
 per request; `outpost serve` (unverified bundle, as shipped otherwise) beside
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from serving import payloads, quiet, servers, wrk  # noqa: E402
 
-STACKS = ("aiohttp-app", "aiohttp-lowlevel", "uvicorn-httptools", "granian-rsgi", "aiohttp-reuseport-2")
+STACKS = ("floor", "aiohttp-app", "aiohttp-lowlevel", "uvicorn-httptools", "granian-rsgi", "aiohttp-reuseport-2")
 OUTPOST = "outpost serve"
 BEFORE = "outpost serve (before)"
 

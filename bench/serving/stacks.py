@@ -120,6 +120,39 @@ async def rsgi_app(scope: Any, proto: Any) -> None:
     proto.response_bytes(200, [("content-type", "application/json")], _rsgi_work.infer(body))
 
 
+_CANNED = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 228\r\n\r\n" + b" " * 228
+
+
+class _Canned(asyncio.Protocol):
+    """The floor: every request answered with a fixed 228-byte body, nothing parsed but the framing."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[:end].lower()
+            at = head.find(b"content-length:")
+            length = int(head[at + 15:].split(b"\r\n")[0]) if at >= 0 else 0
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length:]
+            self.transport.write(_CANNED)  # type: ignore[attr-defined]
+
+
+def floor(work: Work, port: int) -> None:
+    """What wrk and the kernel cost per request on this machine: no HTTP library, no work."""
+    import uvloop
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(_Canned, "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
 def reuseport(model: str, port: int, n: int = 2) -> None:
     children = []
     for _ in range(n):
@@ -138,7 +171,8 @@ def main() -> None:
         assert hasattr(socket, "SO_REUSEPORT")
         reuseport(model, port)
         return
-    runners = {"aiohttp-app": aiohttp_app, "aiohttp-lowlevel": aiohttp_lowlevel, "uvicorn-httptools": uvicorn_asgi}
+    runners = {"aiohttp-app": aiohttp_app, "aiohttp-lowlevel": aiohttp_lowlevel, "uvicorn-httptools": uvicorn_asgi,
+               "floor": floor}
     runners[stack](Work(model), port)
 
 
