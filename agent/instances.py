@@ -3,8 +3,9 @@
 `choose()` is the policy, a pure function of what is known once the first
 engine is loaded: the engine kind (CPU or GPU), the cores this process may run
 on, the engine's time per batch of one (measured by its build, `engines.batch_scaling`;
-else by the configured warm-up), the model's size and the memory available. An explicit `--instances` / `--threads` (or `[model]` in the
-daemon's TOML) always wins; only what was left unset (None) is decided here.
+else by the configured warm-up), the model's size and the memory available. An
+explicit `--instances` / `--threads` (or `[model]` in the daemon's TOML) always
+wins; only what was left unset (None) is decided here.
 
 Why these rules:
 
