@@ -294,7 +294,11 @@ class InferConnection(asyncio.Protocol):
             if isinstance(taken, _Wait):
                 if self._partial is None:
                     self._partial = self._loop.call_later(PARTIAL_GRACE_S, self._partial_due)
-                break
+                if self._reading_paused:  # its rest must be let in, however much is buffered
+                    self._reading_paused = False
+                    assert self._transport is not None
+                    self._transport.resume_reading()
+                return
             if self._partial is not None:
                 self._partial.cancel()
                 self._partial = None
