@@ -130,9 +130,7 @@ class AdaptiveBatcher:
     async def close(self) -> None:
         """Stop the dispatcher; queued requests fail, running batches finish."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer, self._timer_at = None, math.inf
+        self._disarm()
         while self._queue:
             p = self._queue.popleft()
             p.queued = False
@@ -197,9 +195,13 @@ class AdaptiveBatcher:
             if len(self._deadlines) > 2 * self._waiting + 32:
                 self._compact()
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+    def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        self._disarm()
         self._timer_at = at
         # a delay, not loop.call_at: loop clocks differ from time.monotonic (uvloop)
         self._timer = loop.call_later(max(0.0, at - time.monotonic()), self._on_deadline)
@@ -254,11 +256,8 @@ class AdaptiveBatcher:
         self._loop = loop
         self._busy = 0
         self._waiter = None
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._timer_at = None, math.inf
-        self._deadlines = [e for e in self._deadlines if not e[2].future.done()]
-        heapq.heapify(self._deadlines)
+        self._disarm()
+        self._compact()
         self._slots = asyncio.Semaphore(self.runner.instances)
         self._worker = loop.create_task(self._dispatch_forever(), name=f"batcher-{self.model}")
 

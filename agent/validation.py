@@ -14,7 +14,7 @@ import numpy as np
 from bundle import TensorSpec
 
 from .errors import InvalidRequest, ValidationError
-from .protocol import SPEC_DATATYPES, InferRequest, all_finite
+from .protocol import SPEC_DATATYPES, InferRequest, count_non_finite
 
 
 def _fmt(shape: Sequence[int | str]) -> str:
@@ -56,8 +56,8 @@ class Validator:
                 raise ValidationError(spec.name, f"expected datatype {want}, got {inp.datatype}")
             data = inp.data
             self._check_shape(spec, data.shape, dims)
-            if not self.allow_non_finite and data.dtype.kind == "f" and not all_finite(data):
-                bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+            if not self.allow_non_finite:
+                bad = count_non_finite((data,))
                 if bad:
                     raise ValidationError(spec.name, f"has {bad} non-finite values (NaN/Inf); "
                                                      "this model does not accept them")
