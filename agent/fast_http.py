@@ -49,8 +49,10 @@ log = logging.getLogger(__name__)
 
 #: a body up to this size (the JSON decoded on the loop anyway, `agent.decoding`) may be served here
 SMALL_BODY_BYTES = 64 << 10
-#: the plain inference paths; a query or a percent-escape goes to aiohttp (its router decodes them)
-_INFER_PATH = re.compile(rb"/v2/models/([^/%?#]+)(?:/versions/([^/%?#]+))?/infer")
+#: the plain inference paths (both dispatchers'); a query or a percent-escape goes to aiohttp's router,
+#: which decodes them
+INFER_PATH = r"/v2/models/([^/%?]+)(?:/versions/([^/%?]+))?/infer"
+_INFER_PATH = re.compile(INFER_PATH.encode())
 #: headers that send a request to aiohttp whatever their value
 _HAND_OFF = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
 #: the headers inference reads (`http_server._infer`); a duplicate of one goes to aiohttp

@@ -288,16 +288,22 @@ async def _receive(content: StreamReader, limit: int, held: Reservation) -> byte
 # ---------------------------------------------------------------------------------- app
 
 
+_NO_TOKEN = Unauthorized("missing or wrong bearer token")
+
+
+def _bearer_ok(headers: Mapping[str, str], expected: bytes) -> bool:
+    """`headers` looked up by lower-case name: aiohttp's are case-insensitive, the fast path's lower-case."""
+    return hmac.compare_digest(headers.get("authorization", "").encode(), expected)
+
+
 def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def auth(request: web.Request,
                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if request.path not in _OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return error_response(Unauthorized("missing or wrong bearer token"))
+        if request.path not in _OPEN_PATHS and not _bearer_ok(request.headers, expected):
+            return error_response(_NO_TOKEN)
         return await handler(request)
 
     return auth
@@ -334,7 +340,7 @@ def _close_if_unread(request: web.Request, response: web.StreamResponse) -> web.
 
 
 #: the inference routes as plain paths; anything else (percent-escapes, a query) takes the router
-_FAST_INFER = re.compile(r"/v2/models/([^/%?]+)(?:/versions/([^/%?]+))?/infer")
+_FAST_INFER = re.compile(fast_http.INFER_PATH)
 
 
 _ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -345,9 +351,8 @@ def _answer(app: web.Application, token: str | None) -> fast_http.Answer:
     expected = f"Bearer {token}".encode() if token else None
 
     async def answer(request: Incoming, model: str, version: str | None, path: str) -> Reply:
-        if expected is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
-                                                            expected):
-            return error_reply(Unauthorized("missing or wrong bearer token"))
+        if expected is not None and not _bearer_ok(request.headers, expected):
+            return error_reply(_NO_TOKEN)
         return await infer_or_500(request, app, model, version, path)
 
     return answer
