@@ -69,8 +69,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--configs", default="default,1x0,2x1,2x2")
-    ap.add_argument("--noisy-cores", type=float, default=0.3)
-    ap.add_argument("--retries", type=int, default=0)
+    quiet.add_arguments(ap, retries=0, quiet_wait_s=None)
     args = ap.parse_args()
     if not wrk.available():
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")

@@ -231,10 +231,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     ap.add_argument("--repeats", type=int, default=2, help="wrk runs per server and concurrency (median)")
     ap.add_argument("--no-bentoml", action="store_true")
-    ap.add_argument("--noisy-cores", type=float, default=0.3,
-                    help="a run during which other processes used more cores than this is measured again")
-    ap.add_argument("--retries", type=int, default=2, help="extra attempts for a noisy run")
-    ap.add_argument("--quiet-wait-s", type=float, default=300, help="longest wait for a quiet machine at start")
+    quiet.add_arguments(ap, retries=2, quiet_wait_s=300)
     ap.add_argument("--no-readme", action="store_true", help="print the section instead of writing it")
     ap.add_argument("--readme", type=pathlib.Path, default=ROOT / "bench" / "README.md")
     args = ap.parse_args()

@@ -116,10 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     ap.add_argument("--repeats", type=int, default=3, help="wrk runs per cell (median)")
-    ap.add_argument("--noisy-cores", type=float, default=0.3,
-                    help="a run during which other processes used more cores than this is measured again")
-    ap.add_argument("--retries", type=int, default=1, help="extra attempts for a noisy run")
-    ap.add_argument("--quiet-wait-s", type=float, default=120, help="longest wait for a quiet machine at start")
+    quiet.add_arguments(ap, retries=1, quiet_wait_s=120)
     ap.add_argument("--no-readme", action="store_true", help="print the section instead of writing it")
     ap.add_argument("--readme", type=pathlib.Path, default=ROOT / "bench" / "README.md")
     args = ap.parse_args()

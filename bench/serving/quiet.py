@@ -3,6 +3,7 @@ while someone else's job runs is not a measurement of ours."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import time
@@ -49,3 +50,13 @@ def wait_for_quiet(max_cores: float, max_wait_s: float, window_s: float = 3.0) -
             return load
         print(f"  waiting for a quieter machine: other processes use {load:.2f} of {os.cpu_count()} cores",
               flush=True)
+
+
+def add_arguments(ap: argparse.ArgumentParser, *, retries: int, quiet_wait_s: float | None) -> None:
+    """The options every wrk bench takes for a shared machine (`quiet_wait_s` None: no wait at the start)."""
+    ap.add_argument("--noisy-cores", type=float, default=0.3,
+                    help="a run during which other processes used more cores than this is measured again")
+    ap.add_argument("--retries", type=int, default=retries, help="extra attempts for a noisy run")
+    if quiet_wait_s is not None:
+        ap.add_argument("--quiet-wait-s", type=float, default=quiet_wait_s,
+                        help="longest wait for a quiet machine at start")
