@@ -41,16 +41,18 @@ def measure(engine: Engine, inputs: Sequence[TensorSpec], profile: ShapeProfile,
     """Seconds per item at batch 1, 2, 4, ... up to the profile's batch max (best of a few calls).
 
     `feeds` are inputs the engine is known to accept (the parity check's); their first
-    item is repeated to each batch size. None when the model has no batch dim or
-    allows only batch 1.
+    item is repeated to each batch size. A model with no batch dim, or one that allows
+    only batch 1, gets its time for one call of `feeds` alone, under 1: the instance
+    policy reads how compute-bound a model is from it (`agent.instances`).
     """
     batch_name = next((n for n, r in profile.dims if r.batch), None)
-    if batch_name is None:
-        return None
-    top = min(profile.range(batch_name).max, MAX_BATCH)
+    top = min(profile.range(batch_name).max, MAX_BATCH) if batch_name is not None else 1
     batched = [s.name for s in inputs if s.shape and s.shape[0] == batch_name]
     if top < 2 or not batched:
-        return None
+        try:
+            return {1: _best_call(engine, feeds)}
+        except EngineError:
+            return None
     one = {k: (v[:1] if k in batched else v) for k, v in feeds.items()}
     per_item: dict[int, float] = {}
     started = time.perf_counter()
@@ -65,7 +67,7 @@ def measure(engine: Engine, inputs: Sequence[TensorSpec], profile: ShapeProfile,
         if best > CALL_BUDGET_S or time.perf_counter() - started > TOTAL_BUDGET_S:
             break
         batch *= 2
-    return per_item if len(per_item) > 1 else None
+    return per_item or None
 
 
 def _best_call(engine: Engine, feeds: Mapping[str, np.ndarray], calls: int = 5) -> float:
