@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from .db import Database
 from .errors import Busy
@@ -37,21 +38,22 @@ class Admission:
     max_lag_ms: float = 100.0
     herd_per_s: int = 20
     spread_s: float = 10.0
-    #: (second, cold requests in it, in the previous second)
-    _cold: tuple[int, int, int] = (0, 0, 0)
+    #: arrival times of the latest `herd_per_s` cold requests: a sliding second, so a herd that
+    #: straddles a clock second is still seen as one (counting per calendar second halved it)
+    _cold: deque[float] = field(default_factory=deque)
 
     def retry_after_s(self) -> float:
         return random.uniform(1.0, self.spread_s)
 
     def admit_cold(self, what: str) -> None:
         """Raise Busy if the fleet is saturated; call before work no cache can answer."""
-        second = int(time.monotonic())
-        current, count, previous = self._cold
-        if second != current:
-            current, count, previous = second, 0, (count if second == current + 1 else 0)
-        self._cold = (current, count + 1, previous)
+        now = time.monotonic()
+        cold, n = self._cold, self.herd_per_s
+        herd = n <= 0 or (len(cold) >= n and now - cold[-n] < 1.0)
+        cold.append(now)
+        while len(cold) > max(1, n):
+            cold.popleft()
         if self.db.in_flight >= self.max_in_flight:
             raise Busy(self.retry_after_s(), what)
-        herd = max(count, previous) >= self.herd_per_s
         if herd and self.loop is not None and self.loop.recent_lag_ms >= self.max_lag_ms:
             raise Busy(self.retry_after_s(), what)

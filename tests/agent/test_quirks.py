@@ -17,6 +17,7 @@ from agent import DataPlane, ModelConfig, ServerConfig
 from agent.http_server import HttpServer
 from agent.runner import EngineSource
 from agent.validation import batch_dim
+from engines.batch_scaling import worthwhile_batch
 from tests.agent.conftest import tensor
 from tests.agent.mqtt_broker import PREFIX, REPLIES, Requester, front_end, running_broker
 from tests.models.quirks import STFT_LONG_PAD, STFT_PAD, iris_rows, write_quirks
@@ -143,7 +144,8 @@ async def test_unknown_dims_are_independent_and_the_leading_one_batches(
     dp, server = zoo
     sm = dp.get("unknown")
     assert sm.runner.inputs[0].shape[0] == "batch" and sm.runner.outputs[0].shape[0] == "batch"
-    assert batch_dim(sm.runner.inputs, sm.runner.outputs) == "batch" and sm.max_batch_size == 8
+    assert batch_dim(sm.runner.inputs, sm.runner.outputs) == "batch"
+    assert sm.max_batch_size == worthwhile_batch(sm.runner.batch_scaling, 8)  # the bundle's 8, capped by what pays
     images = [np.random.default_rng(i).standard_normal((1, 3, 48, 192)).astype(np.float32) for i in range(4)]
     async with aiohttp.ClientSession() as http:
         async def one(x: np.ndarray) -> dict[str, Any]:

@@ -168,13 +168,16 @@ async def test_devices_are_nudged_over_mqtt(fast_api: Callable[..., Any], make_b
             try:
                 r = await api.call("POST", "/api/v1/rollouts", api.admin, json={
                     "bundle": "demo@2.0.0", "stages": [{"devices": 1}, {"percent": 100}], "soak_s": 30})
-                for _ in range(50):
-                    if got:
-                        break
+                # the nudge and the canary's next poll race each other: wait for both
+                deadline = time.monotonic() + 20
+                canaries: list[SimDevice] = []
+                while time.monotonic() < deadline and not (got and canaries):
                     await asyncio.sleep(0.1)
+                    canaries = [d for d in devices if d.history and d.history[-1] == ["demo@2.0.0"]]
                 rd = (await api.call("GET", f"/api/v1/rollouts/{r.body['id']}", api.admin)).body
                 assert rd["devices"] == 1
-                canary = next(d for d in devices if d.history and d.history[-1] == ["demo@2.0.0"])
+                assert len(canaries) == 1, [d.history for d in devices]
+                (canary,) = canaries
                 assert got == [(f"outpost/devices/{canary.device_id}/nudge", {"serial": canary.serial})]
             finally:
                 await sim.stop()
