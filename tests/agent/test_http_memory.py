@@ -31,7 +31,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 CLIENTS = 8
 IMAGES = 37  # x 150,528 numbers of ~10.6 characters: a ~60 MB body, under the 64 MiB default cap
 RSS_LIMIT = 1 << 30
-HEALTH_LIMIT_S = 0.100
+#: one 60 MB body decoded on the event loop stalled health for 1.8 s; both bounds catch that. The
+#: worst single probe may also lose a scheduler slice or two to a neighbour on a shared 2-core
+#: machine (108 ms seen with two busy loops beside the suite), so it is bounded looser than p99.
+HEALTH_P99_LIMIT_S = 0.050
+HEALTH_MAX_LIMIT_S = 0.300
 
 _LOAD = """
 import asyncio, json, os, sys, aiohttp
@@ -108,9 +112,9 @@ def test_eight_concurrent_60mb_json_bodies_keep_rss_under_1gib_and_health_fast(
     assert load.returncode == 0, load.stderr
     results = json.loads(load.stdout)
     statuses = [r[0] for r in results]
-    peak_rss, worst = max(probe.rss), max(probe.latencies)
+    peak_rss, worst, p99 = max(probe.rss), max(probe.latencies), float(np.percentile(probe.latencies, 99))
     report = (f"statuses {statuses}; RSS idle {idle_rss / 2**20:.0f} MiB, peak {peak_rss / 2**20:.0f} MiB; "
-              f"health max {worst * 1000:.1f} ms, p99 {np.percentile(probe.latencies, 99) * 1000:.1f} ms "
+              f"health max {worst * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms "
               f"over {len(probe.latencies)} probes (max before the load: {idle_worst * 1000:.1f} ms; "
               f"load average {psutil.getloadavg()[0]:.1f})")
     print(report)
@@ -123,4 +127,4 @@ def test_eight_concurrent_60mb_json_bodies_keep_rss_under_1gib_and_health_fast(
             assert retry_after is not None and "memory budget" in error
     assert not probe.failures, probe.failures
     assert peak_rss < RSS_LIMIT, report
-    assert worst < HEALTH_LIMIT_S, report
+    assert p99 < HEALTH_P99_LIMIT_S and worst < HEALTH_MAX_LIMIT_S, report
