@@ -159,3 +159,27 @@ async def test_a_herd_is_told_to_come_back_later_while_the_event_loop_lags(api: 
         await asyncio.sleep(0.1)
     r = await api.call("POST", f"/api/v1/devices/{device}/reports", cred, json={"health": {"status": "ok"}})
     assert r.status == 202, r.body
+
+
+def test_a_herd_straddling_a_clock_second_is_still_a_herd(api: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted per calendar second, arrivals at 10.8, 10.9, 11.0 and 11.1 looked like 2 and 2."""
+    import fleet.admission
+    from fleet.errors import Busy
+
+    watch = StallWatch()
+    watch.recent_lag_ms = 1000.0  # the loop lags throughout
+    admission = fleet.admission.Admission(api.fleet.db, watch, herd_per_s=3)
+    now = [10.8]
+    monkeypatch.setattr(fleet.admission.time, "monotonic", lambda: now[0])
+    for t in (10.8, 10.9, 11.0):
+        now[0] = t
+        admission.admit_cold("x")  # three a second are not yet a herd
+    now[0] = 11.1
+    with pytest.raises(Busy):
+        admission.admit_cold("x")  # three others within the last second: a herd, across the clock second
+    now[0] = 12.05
+    admission.admit_cold("x")  # the herd has passed: only 11.1 lies in the last second
+    watch.recent_lag_ms = 0.0
+    for t in (12.3, 12.31, 12.32, 12.33):
+        now[0] = t
+        admission.admit_cold("x")  # a herd alone refuses nobody while the loop keeps up
