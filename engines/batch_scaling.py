@@ -32,8 +32,10 @@ MAX_BATCH = 64
 #: stop growing the batch once one call takes this long, or all calls together this long
 CALL_BUDGET_S = 0.5
 TOTAL_BUDGET_S = 3.0
-#: calls per batch size: at least MIN_CALLS, more until MIN_SPENT_S has been spent, never over MAX_CALLS
+#: calls per batch size: at least MIN_CALLS, and on until MIN_CALLS in a row have not improved on the
+#: best by IMPROVED and MIN_SPENT_S has been spent; never over MAX_CALLS (or CALL_BUDGET_S)
 MIN_CALLS = 5
+IMPROVED = 0.98
 MIN_SPENT_S = 0.02
 MAX_CALLS = 500
 #: a batch counts as good as the best one when its time per item is within this factor
@@ -75,20 +77,23 @@ def measure(engine: Engine, inputs: Sequence[TensorSpec], profile: ShapeProfile,
 
 
 def _best_call(engine: Engine, feeds: Mapping[str, np.ndarray]) -> float:
-    """The fastest of at least `MIN_CALLS` calls, and of as many more as fit in `MIN_SPENT_S`.
+    """The fastest call, once `MIN_CALLS` calls in a row have not beaten it (by `IMPROVED`) and
+    `MIN_SPENT_S` has been spent, within `CALL_BUDGET_S` and `MAX_CALLS`.
 
-    A tiny model's call takes microseconds: five of them can all land in one preemption
-    on a busy machine, and a batch of 8 that measured slower than 4 that way capped an
-    MLP at 4 in CI. Calls are added until the minimum has had time to show.
+    A tiny model's call takes microseconds: a fixed five of them can all land in one
+    busy stretch of a shared machine, and a batch of 8 that measured slower than 4 that
+    way capped an MLP at 4 in CI. Calling on until the minimum stops moving lets it show.
     """
     engine.infer(feeds)  # the first call at a new size pays for allocations
     best = float("inf")
     spent = 0.0
-    calls = 0
-    while calls < MAX_CALLS and (calls < MIN_CALLS or spent < MIN_SPENT_S) and spent <= CALL_BUDGET_S:
+    calls = since_best = 0
+    while calls < MAX_CALLS and spent <= CALL_BUDGET_S and (
+            calls < MIN_CALLS or since_best < MIN_CALLS or spent < MIN_SPENT_S):
         t0 = time.perf_counter()
         engine.infer(feeds)
         dt = time.perf_counter() - t0
+        since_best = 0 if dt < best * IMPROVED else since_best + 1
         best = min(best, dt)
         spent += dt
         calls += 1

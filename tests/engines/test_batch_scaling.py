@@ -50,6 +50,36 @@ def test_a_model_without_a_batch_dim_has_its_call_time_only(tmp_path: pathlib.Pa
     assert worthwhile_batch(result.batch_scaling, 8) == 8  # nothing to compare: the configured size stands
 
 
+def test_a_tiny_models_timing_outlasts_a_preemption(make_bundle: MakeBundle, cpu_probe: StaticProbe,
+                                                     cache_dir: pathlib.Path) -> None:
+    """Five calls of a few microseconds can all land in one preemption on a busy machine (CI capped the
+    MLP at batch 4 that way): calls go on until `MIN_SPENT_S` has been spent, so the minimum shows."""
+    import time
+
+    import numpy as np
+
+    from engines import batch_scaling
+
+    built = open_engine(bundle.load_unverified(make_bundle("mlp", sign=False)), cache_dir=cache_dir, probe=cpu_probe)
+
+    class Preempted:  # the real engine, its first calls delayed as a neighbour's time slice would
+        calls = 0
+
+        def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            self.calls += 1
+            if self.calls <= 1 + batch_scaling.MIN_CALLS:  # the warm-up call and the first five timed ones
+                time.sleep(0.005)
+            return built.engine.infer(feeds)
+
+    engine = Preempted()
+    try:
+        best = batch_scaling._best_call(engine, {"input": np.zeros((8, 64), np.float32)})  # type: ignore[arg-type]
+    finally:
+        built.engine.close()
+    assert best < 0.002, (best, engine.calls)  # the engine's own time, not the 5 ms stalls
+    assert 1 + batch_scaling.MIN_CALLS < engine.calls <= 1 + batch_scaling.MAX_CALLS, (best, engine.calls)
+
+
 @pytest.mark.parametrize(("per_item", "configured", "want"), [
     (None, 8, 8),  # not measured (an entry from before, or no batch dim): the bundle's value
     ({1: 4.0e-3}, 8, 8),  # one size only: nothing to compare
