@@ -44,7 +44,7 @@ TOLERANCE = 1.05
 
 def measure(engine: Engine, inputs: Sequence[TensorSpec], profile: ShapeProfile,
             feeds: Mapping[str, np.ndarray]) -> dict[int, float] | None:
-    """Seconds per item at batch 1, 2, 4, ... up to the profile's batch max (best of a few calls).
+    """Seconds per item at batch 1, 2, 4, ... up to the profile's batch max (each the best of its calls, `_best_call`).
 
     `feeds` are inputs the engine is known to accept (the parity check's); their first
     item is repeated to each batch size. A model with no batch dim, or one that allows

@@ -11,7 +11,7 @@ report period, and requests that need no database work (cached credentials,
 held long-polls) are never refused. Saturated means either of what the
 benchmark showed queueing: more units of database work open than
 `max_in_flight` (SQLite runs 5 at once, PostgreSQL 20; the rest wait for a
-connection), or, while at least `herd_per_s` cold requests a second arrive,
+connection), or, while more than `herd_per_s` cold requests arrive within a second,
 the event loop running more than `max_lag_ms` behind its timers in the last
 second or two (`fleet.stalls`), which on PostgreSQL was the bottleneck while
 its connections were free. A lagging loop alone (one slow moment, a handful
