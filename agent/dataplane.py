@@ -41,6 +41,7 @@ from typing import Any
 
 from bundle import UNVERIFIED, Manifest, ModelEntry, TensorSpec, VerifiedBundle
 from engines import batch_scaling
+from runtime.timeouts import timeout
 
 from .batching import AdaptiveBatcher
 from .config import ModelConfig
@@ -99,7 +100,8 @@ class ServedModel:
             return True
         self.idle = asyncio.Event()
         try:
-            await asyncio.wait_for(self.idle.wait(), timeout_s)
+            async with timeout(timeout_s):
+                await self.idle.wait()
         except asyncio.TimeoutError:
             return self.active_requests == 0
         return True
@@ -495,8 +497,9 @@ class DataPlane:
             return True
         self._idle = asyncio.Event()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
+            async with timeout(timeout_s):
+                await self._idle.wait()
+        except asyncio.TimeoutError:
             return self._in_flight == 0
         return True
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from bundle import fsync_dir
 from runtime import Backoff
+from runtime.timeouts import timeout
 
 from .fleet_errors import (
     DownloadError,
@@ -278,7 +279,8 @@ async def _guarded(body: AsyncIterator[bytes], policy: DownloadPolicy, url: str)
     window_start, window_bytes = time.monotonic(), 0
     while True:
         try:
-            chunk = await asyncio.wait_for(it.__anext__(), policy.chunk_timeout_s)
+            async with timeout(policy.chunk_timeout_s):
+                chunk = await it.__anext__()
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:

@@ -36,6 +36,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from runtime.timeouts import timeout
+
 from .fleet_errors import AuthFailed, FleetRejected, FleetUnreachable
 
 if TYPE_CHECKING:
@@ -131,9 +133,9 @@ class AiohttpTransport:
         # Bytes as stored, never a content-coding: Range offsets and hashes refer to them.
         headers = {"Accept-Encoding": "identity", **request.headers}
         try:
-            resp = await asyncio.wait_for(
-                session.request(request.method, url, headers=headers, data=request.body,
-                                allow_redirects=False), request.timeout_s)
+            async with timeout(request.timeout_s):
+                resp = await session.request(request.method, url, headers=headers, data=request.body,
+                                             allow_redirects=False)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise FleetUnreachable(f"cannot reach the fleet at {self.base_url}: {_describe(e)}") from e
 
@@ -309,7 +311,8 @@ class FleetClient:
         limit = timeout_s or self.timeout_s
         resp = await self._send(HttpRequest(method, path, headers, data, timeout_s=limit))
         try:
-            raw = await asyncio.wait_for(resp.aread(), limit)
+            async with timeout(limit):
+                raw = await resp.aread()
         except asyncio.TimeoutError as e:
             raise FleetUnreachable(f"fleet at {self.base_url} did not finish answering {method} {path}") from e
         if resp.status >= 400:

@@ -44,6 +44,8 @@ from typing import Any, Protocol, cast
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestHandler
 
+from runtime.timeouts import timeout
+
 from . import decoding, fast_http, protocol
 from .admission import ByteBudget, Reservation
 from .config import ServerConfig
@@ -265,8 +267,9 @@ async def _read_body(request: web.Request, config: ServerConfig, held: Reservati
                 raise PayloadTooLarge(None, limit)
             held.ensure(len(whole))
             return whole
-        return await asyncio.wait_for(_receive(content, limit, held), config.body_timeout_s)
-    except TimeoutError:
+        async with timeout(config.body_timeout_s):
+            return await _receive(content, limit, held)
+    except asyncio.TimeoutError:
         raise InvalidRequest(f"request body did not arrive within {config.body_timeout_s:g} s") from None
     except web.RequestPayloadError as e:  # a body that is not what its Content-Encoding says
         encoding = request.headers.get("Content-Encoding", "")

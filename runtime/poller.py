@@ -21,6 +21,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .timeouts import timeout
+
 log = logging.getLogger(__name__)
 
 
@@ -115,7 +117,8 @@ class Poller:
             await asyncio.sleep(0)
             return
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay_s)
+            async with timeout(delay_s):
+                await self._wake.wait()
         self._wake.clear()
 
     async def run(self) -> None:

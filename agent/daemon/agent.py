@@ -29,6 +29,7 @@ import bundle
 from engines import HardwareInfo, Probe, SystemProbe
 from runtime.journal import register_secret
 from runtime.sdnotify import Notifier
+from runtime.timeouts import timeout
 
 from .. import telemetry
 from ..commands import LOAD_ALLOWANCE_S, Lifecycle, Transport, serve
@@ -257,7 +258,8 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event, lifecycle: Life
             notifier.status(f"stopping: sending the last report ({reporter.buffered + 1} queued)")
             reporter.collect()
             try:
-                sent = await asyncio.wait_for(reporter.flush(), FINAL_FLUSH_S)
+                async with timeout(FINAL_FLUSH_S):
+                    sent = await reporter.flush()
             except Exception as e:
                 log.warning("the last report could not be sent (%s); %d report(s) lost", e, reporter.buffered)
             else:

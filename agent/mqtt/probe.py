@@ -32,6 +32,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from runtime.timeouts import timeout
+
 from .connection import CONNECTED, SUBSCRIBE_REFUSED, MqttConnection
 from .outbox import Outgoing
 from .settings import MqttSettings
@@ -74,7 +76,7 @@ class BrokerProbe:
         self._lock = threading.Lock()
         self._warned = False
         self._failed_once = False
-        #: set by `close`: a cancellation can be lost in a race with a completing wait (Python 3.11's wait_for)
+        #: set by `close`: stops `watch` even where a cancellation was lost (wait_for before 3.12; see runtime.timeouts)
         self._closed = False
 
     def close(self) -> None:
@@ -156,8 +158,10 @@ class BrokerProbe:
         if prober.status().state == CONNECTED:
             prober.publish(Outgoing(self.topic, nonce, 1))
         try:
-            return (await asyncio.wait_for(fut, self.timeout_s) - t0) * 1000.0
-        except TimeoutError:
+            async with timeout(self.timeout_s):
+                arrived = await fut
+            return (arrived - t0) * 1000.0
+        except asyncio.TimeoutError:
             return None
         finally:
             with self._lock:

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 
 from sqlalchemy import select, update
 
+from runtime.timeouts import timeout
+
 from ..assignments import Assignments
 from ..config import RolloutConfig
 from ..db import AssignmentItem, Bundle, Database, Device, Rollout, RolloutDevice
@@ -84,7 +86,8 @@ class RolloutEngine:
                         log.warning("rollout engine recovered")
                     failing = False
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                    await asyncio.wait_for(self._kick.wait(), self.config.eval_interval_s)
+                    async with timeout(self.config.eval_interval_s):
+                        await self._kick.wait()
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.store.release(self.owner))
