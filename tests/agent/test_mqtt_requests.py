@@ -383,7 +383,12 @@ async def test_presence_online_last_will_and_offline(dataplane: DataPlane, broke
             sock.shutdown(2)
             states = [orjson.loads((await watcher.aget()).payload)["state"] for _ in range(2)]
             assert states == ["offline", "online"]
-        assert orjson.loads((await watcher.aget()).payload)["state"] == "offline"
+        # a clean stop's last word is "offline"; on a loaded machine the reconnect above may have said
+        # "online" once more (seen with two busy loops beside the suite), never anything else
+        after = [orjson.loads((await watcher.aget()).payload)["state"]]
+        while after[-1] == "online" and len(after) < 4:
+            after.append(orjson.loads((await watcher.aget()).payload)["state"])
+        assert after[-1] == "offline" and set(after[:-1]) <= {"online"}, after
         late = Requester(broker.port).connect()  # retained: a newcomer learns it at once
         try:
             late.subscribe(f"{PREFIX}/status")
