@@ -119,7 +119,6 @@ class MqttFrontEnd:
         if self._telemetry is not None:
             self._telemetry.cancel()
         if self._probe_task is not None:  # [probe]
-            self.probe.close()
             self._probe_task.cancel()
             await asyncio.wait({self._probe_task}, timeout=drain_timeout_s)
         if self._tasks:

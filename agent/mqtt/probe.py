@@ -76,12 +76,6 @@ class BrokerProbe:
         self._lock = threading.Lock()
         self._warned = False
         self._failed_once = False
-        #: set by `close`: stops `watch` even where a cancellation was lost (wait_for before 3.12; see runtime.timeouts)
-        self._closed = False
-
-    def close(self) -> None:
-        """Stop measuring: `watch` returns at its next step."""
-        self._closed = True
 
     # ------------------------------------------------------------------ paho threads
 
@@ -105,7 +99,7 @@ class BrokerProbe:
     async def watch(self, poll_s: float = 0.05) -> None:
         """Measure once after every (re)connect of the agent's connection, until cancelled."""
         measured_at = 0
-        while not self._closed:
+        while True:
             connects = self.agent.status().connects
             if connects != measured_at and self.agent.subscribed_event.is_set():
                 measured_at = connects
@@ -131,8 +125,6 @@ class BrokerProbe:
                 return None
             times: list[float] = []
             for i in range(self.warmup + self.samples):
-                if self._closed:
-                    return None
                 ms = await self._one(prober)
                 if ms is None:
                     self._failed(f"a probe on {self.topic} did not come back within {self.timeout_s:g} s")

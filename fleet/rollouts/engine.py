@@ -85,7 +85,7 @@ class RolloutEngine:
                     if failing:
                         log.warning("rollout engine recovered")
                     failing = False
-                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):
                     async with timeout(self.config.eval_interval_s):
                         await self._kick.wait()
         finally:
